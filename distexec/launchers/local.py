@@ -1,0 +1,197 @@
+"""Local worker processes: fresh interpreters started with :mod:`subprocess`, never forked.
+
+Each worker gets the key as the first line of its stdin; the pipe then stays open as the
+worker's *lifeline*: when this process dies, however it dies, the kernel closes the pipe and the
+worker exits at once. On Linux the task manager learns of a worker's exit through a pidfd that it
+waits on with its sockets; elsewhere a small thread per process waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import signal
+import struct
+import site
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Hints for exit signals, shown to users when a worker dies.
+_SIGNAL_HINTS = {
+    "SIGKILL": "possibly out of memory (the kernel's OOM killer sends SIGKILL), or killed by hand",
+    "SIGSEGV": "a segmentation fault, usually a bug in a C extension or ctypes code",
+    "SIGBUS": "a bus error, e.g. a truncated memory-mapped file",
+    "SIGABRT": "the process aborted, e.g. a failed C assertion or a fatal Python error",
+    "SIGFPE": "an arithmetic fault in native code",
+    "SIGTERM": "terminated by another process",
+}
+
+
+def describe_exit(code: int | None) -> str:
+    """Human description of a process exit code as :attr:`subprocess.Popen.returncode` gives it."""
+    if code is None:
+        return "exit status unknown"
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    hint = _SIGNAL_HINTS.get(name)
+    return f"killed by signal {-code} ({name}: {hint})" if hint else f"killed by {name}"
+
+
+def _needs_pythonpath(python: str) -> bool:
+    """Whether the worker interpreter needs our package root on PYTHONPATH to import distexec."""
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        return True
+    try:
+        installed = {os.path.realpath(p) for p in site.getsitepackages()}
+        installed.add(os.path.realpath(site.getusersitepackages()))
+    except Exception:
+        return True
+    return os.path.realpath(_PACKAGE_ROOT) not in installed
+
+
+# The worker writes (task id, attempt) of the task it is running into a small shared memory
+# region, and zeros when it is between tasks. Reading it after a crash tells exactly which task
+# was running, at the cost of one memory store per task.
+PROGRESS = struct.Struct("=qq")
+
+
+class LocalProcess:
+    """Handle on one local worker process (owned by the task manager thread)."""
+
+    def __init__(
+        self, worker_id: int, popen: subprocess.Popen[bytes], progress: mmap.mmap | None = None
+    ) -> None:
+        self.worker_id = worker_id
+        self.popen = popen
+        self.pid = popen.pid
+        self._progress = progress
+        self.pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(popen.pid)
+            except OSError:
+                self.pidfd = None
+
+    def poll(self) -> int | None:
+        """The exit code (negative: killed by that signal), or None while it runs."""
+        return self.popen.poll()
+
+    def running_task(self) -> tuple[int, int] | None:
+        """(task id, attempt) the worker was running last, or None if between tasks/unknown."""
+        if self._progress is None:
+            return None
+        task_id, attempt = PROGRESS.unpack_from(self._progress, 0)
+        return (task_id, attempt) if task_id else None
+
+    @property
+    def reports_progress(self) -> bool:
+        return self._progress is not None
+
+    def kill(self) -> None:
+        if self.popen.returncode is None:
+            try:
+                self.popen.kill()
+            except ProcessLookupError:
+                pass
+
+    def watch(self, on_exit: Callable[[LocalProcess], None]) -> None:
+        """Fallback when there is no pidfd: call ``on_exit(self)`` from a thread at exit."""
+
+        def wait() -> None:
+            self.popen.wait()
+            on_exit(self)
+
+        threading.Thread(
+            target=wait, name=f"distexec-reaper-{self.worker_id}", daemon=True
+        ).start()
+
+    def close(self) -> None:
+        """Release the pidfd and the lifeline pipe (the worker exits when it sees the pipe close)."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+
+
+class LocalLauncher:
+    """Starts worker interpreters on this machine.
+
+    Args:
+        python: interpreter to run; defaults to :data:`sys.executable`.
+        env: extra environment variables for the workers.
+    """
+
+    def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.python = python or sys.executable
+        self.env = dict(env or {})
+
+    def command(self, address: str, worker_id: int, extra: Sequence[str] = ()) -> list[str]:
+        return [
+            self.python, "-m", "distexec.worker",
+            "--connect", address, "--worker-id", str(worker_id), "--key-stdin", *extra,
+        ]
+
+    def start(self, worker_id: int, address: str, key: bytes) -> LocalProcess:
+        """Start one worker that connects to ``address``; raises OSError if it cannot start."""
+        env = dict(os.environ)
+        env.update(self.env)
+        if _needs_pythonpath(self.python):
+            parts = [_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join(parts)
+        progress_fd = _progress_fd(worker_id)
+        extra = ["--progress-fd", str(progress_fd)] if progress_fd is not None else []
+        cmd = self.command(address, worker_id, extra)
+        try:
+            popen = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, env=env, close_fds=True, cwd=os.getcwd(),
+                pass_fds=(progress_fd,) if progress_fd is not None else (),
+            )
+        except BaseException:
+            if progress_fd is not None:
+                os.close(progress_fd)
+            raise
+        progress = None
+        if progress_fd is not None:
+            try:
+                progress = mmap.mmap(progress_fd, PROGRESS.size)
+            finally:
+                os.close(progress_fd)
+        assert popen.stdin is not None
+        try:
+            popen.stdin.write(key.hex().encode() + b"\n")
+            popen.stdin.flush()
+        except OSError:
+            pass  # it died already; its exit will be reported like any other
+        logger.debug("started worker %d: pid %d: %s", worker_id, popen.pid, " ".join(cmd))
+        return LocalProcess(worker_id, popen, progress)
+
+
+def _progress_fd(worker_id: int) -> int | None:
+    """A small anonymous shared file for the worker's progress, or None where unsupported."""
+    create = getattr(os, "memfd_create", None)
+    if create is None:
+        return None
+    try:
+        fd: int = create(f"distexec-progress-{worker_id}", 0)
+        os.ftruncate(fd, PROGRESS.size)
+    except OSError:
+        return None
+    return fd

@@ -1,0 +1,1022 @@
+"""The task manager: one thread per executor that owns every table, socket and process.
+
+Data flow::
+
+    caller threads                     distexec-manager thread                   worker processes
+    ──────────────                     ───────────────────────                   ────────────────
+    submit() ─► inbox (deque) ─wake─►  drain inbox ─► Scheduler.queue
+                                       Scheduler.plan() ─► pickle ─► TASKS ────► reader ─► run
+                                                                                   │
+    future.result() ◄─ set_result ◄─── RESULTS ◄────────────────────────────── send results
+                                       selector: listener, wakeup socket,
+                                       worker sockets, worker pidfds;
+                                       timeout = next deadline (no polling)
+
+Ownership: callers only append to the inbox and flip flags under :attr:`SharedState.lock`. The
+manager thread alone reads and writes the scheduler's tables, the connections, the processes and
+the deadlines, and it alone completes futures. User code that can run here (``__reduce__`` while
+pickling an argument, ``__setstate__`` while unpickling a result) runs behind
+``except BaseException``, so one bad task fails its own future and never the manager.
+
+Worker loss: a worker is lost when its connection closes or its process exits. The manager waits
+briefly for the other half of that news (the exit status, or the socket's end) so that the error
+it puts on the lost task names the exit code or signal, then fails the tasks the worker held with
+:class:`~distexec.errors.WorkerLostError` and starts a replacement.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from . import protocol, serialization
+from ._version import __version__
+from .errors import (
+    BrokenDistributedExecutor,
+    HandshakeError,
+    ProtocolError,
+    TaskPicklingError,
+    TaskUnpicklingError,
+    WorkerLostError,
+)
+from .launchers.local import LocalLauncher, LocalProcess, describe_exit
+from .scheduler import Scheduler, Task, TaskKind, TaskState, WorkerRecord, WorkerState
+
+logger = logging.getLogger(__name__)
+
+# A connection must complete the handshake within this many seconds or it is dropped.
+HANDSHAKE_TIMEOUT = 10.0
+# After a worker's connection drops, how long to wait for its exit status before killing it.
+EXIT_GRACE = 2.0
+# After SHUTDOWN, how long a worker may take to exit before it is killed.
+SHUTDOWN_GRACE = 5.0
+# Consecutive workers that fail to start (no READY in between) before the executor breaks.
+START_FAILURE_LIMIT = 3
+# How many function definitions each worker keeps; older ones are told to be forgotten.
+WORKER_FN_CAPACITY = 256
+# Payloads above this go as separate frame buffers (saves a copy of large arguments).
+INLINE_LIMIT = 32 * 1024
+# Upper bound on bytes read from one connection per loop turn, for fairness between workers.
+READ_BUDGET = 8 * 1024 * 1024
+
+
+class SharedState:
+    """The only state shared between caller threads and the manager thread.
+
+    ``lock`` guards ``shutdown``, ``broken`` and appends to ``inbox`` that must be ordered with
+    them; reading the deque and waking the manager need no lock.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.shutdown = False
+        self.broken: BaseException | None = None  # the cause, once broken
+        self.inbox: deque[Any] = deque()
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    max_workers: int
+    initializer: bytes | None
+    max_tasks_per_child: int | None
+    python: str | None
+    worker_start_timeout: float
+    max_message_size: int
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+
+
+# Commands callers post to the inbox (anything that is not a Task).
+CMD_SHUTDOWN = "shutdown"  # (CMD_SHUTDOWN, cancel_futures)
+CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason)
+
+
+def force_cancel(future: Future[Any]) -> bool:
+    """Cancel a future even if it is running (its task was stopped). Any thread.
+
+    ``Future.cancel()`` refuses running futures by design; when distexec itself stops a running
+    task the future must still end cancelled, with waiters and callbacks notified exactly as
+    ``cancel()`` followed by ``set_running_or_notify_cancel()`` would.
+    """
+    with future._condition:  # type: ignore[attr-defined]
+        if future._state in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):  # type: ignore[attr-defined]
+            return False
+        future._state = CANCELLED_AND_NOTIFIED  # type: ignore[attr-defined]
+        for waiter in future._waiters:  # type: ignore[attr-defined]
+            waiter.add_cancelled(future)
+        future._condition.notify_all()  # type: ignore[attr-defined]
+    future._invoke_callbacks()  # type: ignore[attr-defined]
+    return True
+
+
+def _settle(future: Future[Any], ok: bool, value: Any) -> None:
+    """Complete a future, tolerating one that was cancelled meanwhile."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except InvalidStateError:
+        pass
+
+
+class _Conn:
+    """One socket to a worker (or to something pretending to be one)."""
+
+    __slots__ = ("sock", "peer", "open", "hs_buf", "nonce_m", "decoder", "out", "worker_id",
+                 "want_write", "deadline_seq", "close_after_flush")
+
+    def __init__(self, sock: socket.socket, peer: str, max_message_size: int) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.open = False  # handshake completed
+        self.hs_buf = bytearray()
+        self.nonce_m = protocol.new_nonce()
+        self.decoder = protocol.FrameDecoder(max_message_size)
+        self.out = protocol.OutQueue()
+        self.worker_id: int | None = None
+        self.want_write = False
+        self.deadline_seq = -1
+        self.close_after_flush = False
+
+
+class _Slot:
+    """The manager's handles on one worker: its connection, process and per-worker caches."""
+
+    __slots__ = ("worker_id", "conn", "proc", "exit_deadline", "shutdown_sent", "known_fns",
+                 "disconnected", "exited", "fail_reason", "counted_start")
+
+    def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
+        self.worker_id = worker_id
+        self.conn: _Conn | None = None
+        self.proc = proc
+        self.exit_deadline: float | None = None
+        self.shutdown_sent = False
+        self.known_fns: OrderedDict[int, None] = OrderedDict()
+        self.disconnected = False
+        self.exited = proc is None  # a worker we did not start has no process to wait for
+        self.fail_reason: str | None = None
+        self.counted_start = False
+
+
+class Manager:
+    """The task manager of one :class:`~distexec.DistributedExecutor`.
+
+    Created in the caller's thread; :meth:`start` launches the ``distexec-manager`` thread that
+    runs everything else. Callers use only :meth:`post`, :meth:`wake` and :meth:`join`.
+    """
+
+    def __init__(self, config: ManagerConfig, shared: SharedState) -> None:
+        self.config = config
+        self.shared = shared
+        self.key = protocol.new_key()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self.listener = socket.create_server((config.listen_host, config.listen_port),
+                                             backlog=128)
+        self.listener.setblocking(False)
+        host, port = self.listener.getsockname()[:2]
+        self.address = f"{host}:{port}"
+        self.thread = threading.Thread(target=self._run, name="distexec-manager", daemon=False)
+        # Manager-thread state below.
+        self._sched = Scheduler()
+        self._selector = selectors.DefaultSelector()
+        self._slots: dict[int, _Slot] = {}
+        self._conns: set[_Conn] = set()
+        self._deadlines: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._worker_ids = itertools.count(1)
+        self._fn_cache = serialization.FunctionCache()
+        self._launcher = LocalLauncher(config.python)
+        self._closing = False  # shutdown requested: finish the work, then stop
+        self._terminating = False  # stop now
+        self._start_failures = 0
+        self._last_start_failure = ""
+        self._ever_ready = False
+        self._exit_events: deque[LocalProcess] = deque()  # from reaper threads (no pidfd)
+        self.executor_ref: Any = None  # weakref to the executor, set by it
+
+    # ---------------------------------------------------------------- caller side (any thread)
+    def start(self) -> None:
+        _live_managers.add(self)
+        self.thread.start()
+
+    def wake(self) -> None:
+        """Make the manager look at its inbox soon. Cheap when a wakeup is already pending."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    def post(self, command: Any) -> None:
+        self.shared.inbox.append(command)
+        self.wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is not self.thread and self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+            self._selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            self._ensure_workers()
+            while not self._finished():
+                self._turn()
+        except BaseException as exc:  # a bug in distexec: say so, fail everything, clean up
+            logger.exception("distexec task manager crashed")
+            self._break(BrokenDistributedExecutor(
+                f"the distexec task manager failed with an internal error ({exc!r}); "
+                "please report this with the log above"), exc)
+        finally:
+            self._teardown()
+
+    def _turn(self) -> None:
+        timeout = None
+        if self._deadlines:
+            timeout = max(0.0, self._deadlines[0][0] - time.monotonic())
+        for key, mask in self._selector.select(timeout):
+            key.data(key.fileobj, mask)
+        self._drain_inbox()
+        while self._exit_events:
+            self._on_process_exit(self._exit_events.popleft())
+        self._run_deadlines()
+        self._dispatch()
+        if self._closing:
+            self._progress_shutdown()
+
+    def _finished(self) -> bool:
+        return (self._closing or self._terminating) and not self._slots and not self._sched.tasks
+
+    def _on_wakeup(self, sock: Any, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_inbox(self) -> None:
+        self._wake_pending = False
+        inbox = self.shared.inbox
+        sched = self._sched
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is Task:
+                if self._terminating:
+                    item.future.cancel()
+                    continue
+                sched.add_task(item)
+            else:
+                self._command(item)
+
+    def _command(self, command: tuple[Any, ...]) -> None:
+        name = command[0]
+        if name == CMD_SHUTDOWN:
+            self._closing = True
+            if command[1]:
+                for task in self._sched.cancel_queued():
+                    task.future.cancel()
+        elif name == CMD_TERMINATE:
+            self._terminate(command[1])
+        else:  # pragma: no cover - programming error
+            raise ValueError(f"unknown command {command!r}")
+
+    # ---------------------------------------------------------------- deadlines
+    def _at(self, when: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._deadlines, (when, next(self._seq), callback))
+
+    def _run_deadlines(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, callback = heapq.heappop(self._deadlines)
+            callback()
+
+    # ---------------------------------------------------------------- workers: launching
+    def _wanted_workers(self) -> int:
+        if self._terminating or self.shared.broken is not None:
+            return 0
+        if self._closing and not self._sched.tasks:
+            return 0  # shutting down: workers are still needed only to finish the work
+        return self.config.max_workers
+
+    def _ensure_workers(self) -> None:
+        active = sum(
+            1 for w in self._sched.live_workers() if w.state is not WorkerState.DRAINING
+        )
+        for _ in range(self._wanted_workers() - active):
+            self._launch()
+
+    def _launch(self) -> None:
+        worker_id = next(self._worker_ids)
+        now = time.monotonic()
+        record = self._sched.add_worker(worker_id, socket.gethostname(),
+                                        self.config.max_tasks_per_child, now)
+        try:
+            proc = self._launcher.start(worker_id, self.address, self.key)
+        except OSError as exc:
+            record.transition(WorkerState.LOST)
+            self._sched.forget_worker(worker_id)
+            self._start_failed(f"worker {worker_id} could not be started with "
+                               f"{self._launcher.python}: {exc}")
+            # Try again shortly (nothing else would): the failure limit breaks the executor.
+            self._at(now + 0.05 * 2 ** self._start_failures, self._ensure_workers)
+            return
+        record.pid = proc.pid
+        slot = _Slot(worker_id, proc)
+        self._slots[worker_id] = slot
+        if proc.pidfd is not None:
+            self._selector.register(proc.pidfd, selectors.EVENT_READ,
+                                    lambda fd, mask, p=proc: self._on_process_exit(p))
+        else:
+            proc.watch(self._exit_from_thread)
+        self._at(now + self.config.worker_start_timeout,
+                 lambda: self._check_started(worker_id))
+
+    def _exit_from_thread(self, proc: LocalProcess) -> None:
+        # Reaper thread: hand the news to the manager thread.
+        self._exit_events.append(proc)
+        self.wake()
+
+    def _check_started(self, worker_id: int) -> None:
+        record = self._sched.workers.get(worker_id)
+        slot = self._slots.get(worker_id)
+        if record is None or slot is None or record.state is not WorkerState.LAUNCHING:
+            return
+        slot.fail_reason = (f"worker {worker_id} (pid {record.pid}) did not connect within "
+                            f"{self.config.worker_start_timeout:g} s")
+        logger.warning("%s; killing it", slot.fail_reason)
+        if slot.proc is not None:
+            slot.proc.kill()
+
+    def _start_failed(self, reason: str) -> None:
+        self._start_failures += 1
+        self._last_start_failure = reason
+        logger.warning("%s", reason)
+        if self._start_failures >= START_FAILURE_LIMIT:
+            self._break(BrokenDistributedExecutor(
+                f"could not start workers: {self._start_failures} attempts in a row failed; "
+                f"the last one: {reason}. Check that {self._launcher.python} can run "
+                "'python -m distexec.worker' (see the worker's stderr above)"), None)
+
+    # ---------------------------------------------------------------- connections
+    def _on_accept(self, sock: Any, mask: int) -> None:
+        for _ in range(64):
+            try:
+                conn_sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("accept failed: %s", exc)
+                return
+            conn_sock.setblocking(False)
+            conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}", self.config.max_message_size)
+            self._conns.add(conn)
+            self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
+            self._send_raw(conn, [protocol.make_hello(conn.nonce_m)])
+            deadline_at = time.monotonic() + HANDSHAKE_TIMEOUT
+            self._at(deadline_at, lambda c=conn: self._handshake_timeout(c))
+
+    def _io_handler(self, conn: _Conn) -> Callable[[Any, int], None]:
+        def handler(sock: Any, mask: int) -> None:
+            if mask & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if mask & selectors.EVENT_READ and conn in self._conns:
+                if conn.open:
+                    self._read_frames(conn)
+                else:
+                    self._read_handshake(conn)
+        return handler
+
+    def _handshake_timeout(self, conn: _Conn) -> None:
+        if conn in self._conns and not conn.open:
+            self._reject(conn, "no complete handshake within "
+                               f"{HANDSHAKE_TIMEOUT:g} s")
+
+    def _reject(self, conn: _Conn, reason: str) -> None:
+        logger.warning("refused connection from %s: %s", conn.peer, reason)
+        self._close(conn)
+
+    def _read_handshake(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._reject(conn, f"connection error during the handshake: {exc}")
+            return
+        if not data:
+            self._reject(conn, "closed during the handshake"
+                         + (f" after sending {len(conn.hs_buf)} bytes" if conn.hs_buf else ""))
+            return
+        buf = conn.hs_buf
+        buf += data
+        try:
+            if len(buf) >= 4 and bytes(buf[:4]) != protocol.MAGIC_AUTH:
+                raise ProtocolError(f"not a distexec worker (it sent {bytes(buf[:16])!r})")
+            if len(buf) < protocol.AUTH.size:
+                return
+            header = protocol.parse_auth_header(bytes(buf[:protocol.AUTH.size]))
+            need = protocol.AUTH.size + header.info_len
+            if len(buf) < need:
+                return
+            if len(buf) > need:
+                raise ProtocolError("it sent data before the handshake completed")
+            info = protocol.verify_auth(self.key, conn.nonce_m, header,
+                                        bytes(buf[protocol.AUTH.size:need]))
+        except HandshakeError as exc:
+            status = (protocol.STATUS_BAD_KEY if "authentication" in str(exc)
+                      else protocol.STATUS_VERSION_MISMATCH)
+            self._refuse(conn, status, str(exc), b"")
+            return
+        except ProtocolError as exc:
+            self._reject(conn, str(exc))
+            return
+        self._accept_worker(conn, info, header.nonce_w)
+
+    def _refuse(self, conn: _Conn, status: int, reason: str, nonce_w: bytes) -> None:
+        logger.warning("refused connection from %s: %s", conn.peer, reason)
+        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w, status,
+                                                    {"error": reason})])
+        conn.close_after_flush = True
+        if not conn.out:
+            self._close(conn)
+
+    def _version_problem(self, info: dict[str, Any]) -> str | None:
+        import sys
+
+        here = {
+            "python": "%d.%d" % sys.version_info[:2],
+            "cloudpickle": cloudpickle.__version__,
+            "distexec": __version__,
+        }
+        there = {
+            "python": ".".join(str(info.get("python", "?")).split(".")[:2]),
+            "cloudpickle": str(info.get("cloudpickle", "?")),
+            "distexec": str(info.get("distexec", "?")),
+        }
+        if here == there:
+            return None
+        differ = ", ".join(f"{k} {there[k]} there vs {here[k]} here"
+                           for k in here if here[k] != there[k])
+        return (
+            f"version mismatch with the worker on host {info.get('host', '?')} "
+            f"(pid {info.get('pid', '?')}): {differ}. The worker runs Python {there['python']}, "
+            f"cloudpickle {there['cloudpickle']}, distexec {there['distexec']}; this executor "
+            f"runs Python {here['python']}, cloudpickle {here['cloudpickle']}, distexec "
+            f"{here['distexec']}. Install matching versions on both sides"
+        )
+
+    def _accept_worker(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
+        problem = self._version_problem(info)
+        token = info.get("worker_id")
+        slot = self._slots.get(token) if isinstance(token, int) else None
+        if problem is not None:
+            if slot is not None:
+                slot.fail_reason = problem
+            self._refuse(conn, protocol.STATUS_VERSION_MISMATCH, problem, nonce_w)
+            return
+        if self._terminating or (self._closing and not self._sched.tasks):
+            self._refuse(conn, protocol.STATUS_REFUSED, "the executor is shutting down", nonce_w)
+            return
+        now = time.monotonic()
+        if slot is not None:
+            record = self._sched.workers[slot.worker_id]
+            if record.state is not WorkerState.LAUNCHING or slot.conn is not None:
+                self._refuse(conn, protocol.STATUS_REFUSED,
+                             f"worker id {token} is already connected", nonce_w)
+                return
+        elif token is not None:
+            self._refuse(conn, protocol.STATUS_REFUSED,
+                         f"unknown worker id {token}: start workers without --worker-id to "
+                         "join a running executor", nonce_w)
+            return
+        else:
+            worker_id = next(self._worker_ids)
+            record = self._sched.add_worker(worker_id, str(info.get("host", "?")),
+                                            self.config.max_tasks_per_child, now)
+            slot = _Slot(worker_id, None)
+            self._slots[worker_id] = slot
+        record.pid = info.get("pid") if isinstance(info.get("pid"), int) else record.pid
+        record.host = str(info.get("host", record.host))
+        record.info = info
+        record.connected_at = now
+        record.transition(WorkerState.CONNECTED)
+        slot.conn = conn
+        conn.worker_id = slot.worker_id
+        conn.open = True
+        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
+                                                    protocol.STATUS_OK,
+                                                    {"worker_id": slot.worker_id})])
+        config = {
+            "worker_id": slot.worker_id,
+            "sys_path": _client_sys_path() if slot.proc is not None else None,
+            "initializer": self.config.initializer,
+        }
+        self._send_raw(conn, protocol.encode_frame(protocol.CONFIG, (config,)))
+        logger.debug("worker %d connected from %s (pid %s)", slot.worker_id, conn.peer,
+                     record.pid)
+
+    # ---------------------------------------------------------------- frames from workers
+    def _read_frames(self, conn: _Conn) -> None:
+        budget = READ_BUDGET
+        decoder = conn.decoder
+        while budget > 0:
+            try:
+                n = conn.sock.recv_into(decoder.recv_buffer())
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._disconnected(conn, f"connection error: {exc}")
+                return
+            if n == 0:
+                self._disconnected(conn, "connection closed")
+                return
+            budget -= n
+            try:
+                frames = decoder.feed(n)
+            except ProtocolError as exc:
+                logger.error("worker %s sent a bad frame (%s); dropping its connection",
+                             conn.worker_id, exc)
+                self._disconnected(conn, f"protocol error: {exc}")
+                return
+            for frame in frames:
+                self._on_frame(conn, frame)
+                if conn not in self._conns:
+                    return
+
+    def _on_frame(self, conn: _Conn, frame: protocol.Frame) -> None:
+        worker_id = conn.worker_id
+        assert worker_id is not None
+        if frame.kind == protocol.RESULTS:
+            self._on_results(worker_id, frame)
+        elif frame.kind == protocol.READY:
+            record = self._sched.workers[worker_id]
+            if record.state is WorkerState.CONNECTED:
+                self._sched.worker_ready(worker_id)
+                self._start_failures = 0
+                self._ever_ready = True
+                logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
+        elif frame.kind == protocol.INIT_FAILED:
+            data, type_name, message, text = frame.meta[0]
+            exc = serialization.loads_exception(data, type_name, message, text)
+            record = self._sched.workers[worker_id]
+            self._break(BrokenDistributedExecutor(
+                f"the initializer failed on {record.describe()}: {type_name}: {message}. "
+                "The executor cannot run tasks; fix the initializer and create a new one"), exc)
+        else:
+            self._disconnected(conn, f"protocol error: unexpected "
+                                     f"{protocol.KIND_NAMES[frame.kind]} from a worker")
+
+    def _on_results(self, worker_id: int, frame: protocol.Frame) -> None:
+        (items,) = frame.meta
+        buffers = frame.buffers
+        cursor = 0
+        sched = self._sched
+        for task_id, attempt, ok, inline, nbufs, duration, extra in items:
+            if inline is None:
+                payload = buffers[cursor]
+                cursor += 1
+                nbufs -= 1
+            else:
+                payload = inline
+            oob = buffers[cursor:cursor + nbufs]
+            cursor += nbufs
+            task = sched.tasks.get(task_id)
+            name = serialization.describe_callable(task.fn) if task is not None else ""
+            if sched.result_arrived(worker_id, task_id, attempt, duration, ok) is None:
+                logger.info("dropped a stale result for task %d (attempt %d) from worker %d",
+                            task_id, attempt, worker_id)
+                continue
+            assert task is not None
+            if ok:
+                try:
+                    value = serialization.loads(payload, oob)
+                except BaseException as exc:
+                    err = TaskUnpicklingError(
+                        f"the result of task {task_id} ({name}) could not be unpickled here: "
+                        f"{type(exc).__name__}: {serialization.safe_str(exc)}. Make sure the "
+                        "modules that define the result's types are importable in this process")
+                    err.__cause__ = exc
+                    _settle(task.future, False, err)
+                else:
+                    _settle(task.future, True, value)
+            else:
+                type_name, message, text = extra
+                _settle(task.future, False,
+                        serialization.loads_exception(payload, type_name, message, text))
+        slot = self._slots.get(worker_id)
+        record = sched.workers.get(worker_id)
+        if (slot is not None and record is not None and record.state is WorkerState.DRAINING
+                and not record.assigned and not slot.shutdown_sent):
+            self._send_shutdown(slot)
+
+    # ---------------------------------------------------------------- writing
+    def _send_raw(self, conn: _Conn, parts: list[Any]) -> None:
+        conn.out.extend(parts)
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn not in self._conns:
+            return
+        try:
+            conn.out.write_to(conn.sock)
+        except OSError as exc:
+            self._disconnected(conn, f"connection error while sending: {exc}")
+            return
+        if conn.out and not conn.want_write:
+            conn.want_write = True
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                  self._io_handler(conn))
+        elif not conn.out:
+            if conn.want_write:
+                conn.want_write = False
+                self._selector.modify(conn.sock, selectors.EVENT_READ, self._io_handler(conn))
+            if conn.close_after_flush:
+                self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn not in self._conns:
+            return
+        self._conns.discard(conn)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # ---------------------------------------------------------------- dispatch
+    def _claim(self, task: Task) -> bool:
+        return task.future.set_running_or_notify_cancel()
+
+    def _dispatch(self) -> None:
+        if self._terminating or not self._sched.queue:
+            return
+        for record, tasks in self._sched.plan(self._claim):
+            slot = self._slots[record.id]
+            conn = slot.conn
+            assert conn is not None
+            self._send_tasks(slot, conn, tasks)
+            if record.state is WorkerState.DRAINING:
+                # max_tasks_per_child reached: start its successor now to hide the startup time.
+                self._ensure_workers()
+                if not record.assigned and not slot.shutdown_sent:
+                    self._send_shutdown(slot)
+
+    def _function(self, task: Task, slot: _Slot, defs: list[Any], forget: list[int]) -> int:
+        fn = task.fn
+        cached = self._fn_cache.lookup(fn)
+        if cached is None:
+            data = serialization.dumps_inband(fn)
+            fn_id = self._fn_cache.add(fn, data)
+            cacheable = self._fn_cache.lookup(fn) is not None
+        else:
+            fn_id, data = cached
+            cacheable = True
+        known = slot.known_fns
+        if fn_id in known:
+            known.move_to_end(fn_id)
+            return fn_id
+        defs.append((fn_id, data, not cacheable))
+        if cacheable:
+            known[fn_id] = None
+            if len(known) > WORKER_FN_CAPACITY:
+                old, _ = known.popitem(last=False)
+                forget.append(old)
+        return fn_id
+
+    def _send_tasks(self, slot: _Slot, conn: _Conn, tasks: list[Task]) -> None:
+        defs: list[Any] = []
+        forget: list[int] = []
+        items: list[Any] = []
+        buffers: list[Any] = []
+        for task in tasks:
+            try:
+                fn_id = self._function(task, slot, defs, forget)
+            except BaseException as exc:
+                self._unpicklable(task, "its function", exc)
+                continue
+            try:
+                if task.kind is TaskKind.CALL:
+                    payload, oob = serialization.dumps((task.args, task.kwargs or {}))
+                else:
+                    payload, oob = serialization.dumps(task.args)
+            except BaseException as exc:
+                self._unpicklable(task, "its arguments", exc)
+                continue
+            if len(payload) > INLINE_LIMIT:
+                items.append((task.id, task.attempt, fn_id, int(task.kind), None, len(oob) + 1))
+                buffers.append(payload)
+            else:
+                items.append((task.id, task.attempt, fn_id, int(task.kind), payload, len(oob)))
+            buffers.extend(oob)
+            if len(buffers) > protocol.MAX_BUFFERS - 64:
+                self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items),
+                                                       buffers))
+                defs, forget, items, buffers = [], [], [], []
+        if items or forget or defs:
+            self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items), buffers))
+
+    def _unpicklable(self, task: Task, what: str, exc: BaseException) -> None:
+        name = serialization.describe_callable(task.fn)
+        hint = ("Define the function at module level, or register its module with "
+                "cloudpickle.register_pickle_by_value()" if what == "its function" else
+                "Pass picklable arguments (plain data, arrays, module-level objects), or open "
+                "resources such as files and connections inside the task instead")
+        err = TaskPicklingError(
+            f"task {task.id} ({name}) could not be sent: {what} could not be pickled: "
+            f"{type(exc).__name__}: {serialization.safe_str(exc)}. {hint}")
+        err.__cause__ = exc
+        logger.debug("task %d: %s could not be pickled", task.id, what)
+        self._sched.fail_task(task)
+        _settle(task.future, False, err)
+
+    # ---------------------------------------------------------------- shutdown
+    def _send_shutdown(self, slot: _Slot) -> None:
+        slot.shutdown_sent = True
+        self._sched.drain(slot.worker_id)
+        if slot.conn is not None:
+            self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ()))
+        if slot.proc is not None:
+            self._at(time.monotonic() + SHUTDOWN_GRACE, lambda s=slot: self._kill_late(s))
+
+    def _kill_late(self, slot: _Slot) -> None:
+        if self._slots.get(slot.worker_id) is slot and slot.proc is not None and not slot.exited:
+            logger.warning("worker %d did not exit %g s after being asked to; killing it",
+                           slot.worker_id, SHUTDOWN_GRACE)
+            slot.proc.kill()
+
+    def _progress_shutdown(self) -> None:
+        if self._sched.tasks:
+            return
+        for slot in list(self._slots.values()):
+            if slot.shutdown_sent:
+                continue
+            if slot.conn is not None and slot.conn in self._conns:
+                self._send_shutdown(slot)
+            else:
+                slot.shutdown_sent = True
+                if slot.proc is not None:
+                    slot.proc.kill()
+                else:
+                    self._finalize(slot)
+
+    def _terminate(self, reason: str) -> None:
+        """Stop now: cancel everything, kill every worker."""
+        if self._terminating:
+            return
+        self._terminating = True
+        self._closing = True
+        logger.info("terminating the executor: %s", reason)
+        for task in self._sched.cancel_queued():
+            task.future.cancel()
+        for record in list(self._sched.workers.values()):
+            for task in list(record.assigned.values()):
+                self._sched.fail_task(task)
+                force_cancel(task.future)
+        for slot in list(self._slots.values()):
+            slot.shutdown_sent = True
+            if slot.proc is not None:
+                slot.proc.kill()
+            elif slot.conn is not None:
+                self._close(slot.conn)
+                self._finalize(slot)
+
+    def _break(self, exc: BrokenDistributedExecutor, cause: BaseException | None) -> None:
+        """The executor cannot go on: fail every pending future, refuse new work, stop."""
+        if cause is not None:
+            exc.__cause__ = cause
+        with self.shared.lock:
+            if self.shared.broken is not None:
+                return
+            self.shared.broken = exc
+        logger.error("%s", exc)
+        self._drain_inbox_into_failures(exc)
+        for task in self._sched.cancel_queued():
+            _settle(task.future, False, exc)  # cancelled in the books, failed for the user
+        for record in list(self._sched.workers.values()):
+            for task in list(record.assigned.values()):
+                self._sched.fail_task(task)
+                _settle(task.future, False, exc)
+        self._terminating = True
+        self._closing = True
+        for slot in list(self._slots.values()):
+            slot.shutdown_sent = True
+            if slot.proc is not None:
+                slot.proc.kill()
+            else:
+                if slot.conn is not None:
+                    self._close(slot.conn)
+                self._finalize(slot)
+
+    def _drain_inbox_into_failures(self, exc: BaseException) -> None:
+        inbox = self.shared.inbox
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is Task:
+                if item.future.set_running_or_notify_cancel():
+                    _settle(item.future, False, exc)
+            elif item[0] == CMD_SHUTDOWN:
+                self._closing = True
+
+    # ---------------------------------------------------------------- worker loss
+    def _disconnected(self, conn: _Conn, why: str) -> None:
+        self._close(conn)
+        worker_id = conn.worker_id
+        slot = self._slots.get(worker_id) if worker_id is not None else None
+        if slot is None or slot.conn is not conn:
+            return
+        slot.disconnected = True
+        if slot.fail_reason is None and not slot.shutdown_sent:
+            slot.fail_reason = why
+        if slot.exited:
+            self._finalize(slot)
+        else:
+            assert slot.proc is not None
+            # The exit status usually follows within milliseconds; give it a moment so the
+            # error can name it, then stop waiting.
+            slot.exit_deadline = time.monotonic() + EXIT_GRACE
+            self._at(slot.exit_deadline, lambda s=slot: self._exit_overdue(s))
+
+    def _exit_overdue(self, slot: _Slot) -> None:
+        if self._slots.get(slot.worker_id) is slot and not slot.exited and slot.proc is not None:
+            logger.warning("worker %d closed its connection but did not exit; killing it",
+                           slot.worker_id)
+            slot.proc.kill()
+
+    def _on_process_exit(self, proc: LocalProcess) -> None:
+        slot = self._slots.get(proc.worker_id)
+        if slot is None or slot.proc is not proc or slot.exited:
+            return
+        if proc.poll() is None:
+            return  # spurious wakeup
+        slot.exited = True
+        if proc.pidfd is not None:
+            try:
+                self._selector.unregister(proc.pidfd)
+            except (KeyError, ValueError):
+                pass
+        if slot.conn is not None and slot.conn in self._conns:
+            # Read whatever it sent before dying (results it managed to flush), then close.
+            conn = slot.conn
+            self._read_frames(conn)
+            if conn in self._conns:
+                self._disconnected(conn, "its process exited")
+                return
+            if self._slots.get(proc.worker_id) is not slot:
+                return
+        self._finalize(slot)
+
+    def _finalize(self, slot: _Slot) -> None:
+        """The worker is over (connection closed and process exited): settle its books."""
+        if self._slots.get(slot.worker_id) is not slot:
+            return
+        del self._slots[slot.worker_id]
+        record = self._sched.workers[slot.worker_id]
+        exitcode = slot.proc.poll() if slot.proc is not None else None
+        record.exitcode = exitcode
+        if slot.conn is not None:
+            self._close(slot.conn)
+        clean = (slot.shutdown_sent and not record.assigned
+                 and (exitcode is None or exitcode == 0 or self._terminating))
+        if record.state is WorkerState.LAUNCHING:
+            record.transition(WorkerState.LOST)
+            if not self._terminating and (self._sched.tasks or not self._closing):
+                reason = slot.fail_reason or (
+                    f"worker {slot.worker_id} (pid {record.pid}) exited before connecting: "
+                    f"{describe_exit(exitcode)}")
+                self._start_failed(reason)
+        elif clean:
+            if record.state is not WorkerState.GONE:
+                if record.state is not WorkerState.DRAINING:
+                    self._sched.drain(slot.worker_id)
+                record.transition(WorkerState.GONE)
+            logger.debug("worker %d left (%s)", slot.worker_id, describe_exit(exitcode))
+        else:
+            held = self._sched.worker_lost(slot.worker_id)
+            what = describe_exit(exitcode) if slot.proc is not None else (
+                slot.fail_reason or "connection lost")
+            culprit = self._running_task(slot, held)
+            level = logging.WARNING if held or not self._closing else logging.INFO
+            logger.log(level, "lost %s: %s%s", record.describe(), what,
+                       f"; it was running task {culprit.id}" if culprit is not None else "")
+            for task in held:
+                if task is culprit:
+                    name = serialization.describe_callable(task.fn)
+                    err = WorkerLostError(
+                        f"task {task.id} ({name}) was running on {record.describe()}, which "
+                        f"died: {what}. The worker has been replaced; submit the task again if "
+                        "it is safe to re-run",
+                        worker_id=record.id, host=record.host, pid=record.pid,
+                        exitcode=exitcode)
+                    self._sched.fail_task(task)
+                    _settle(task.future, False, err)
+            # The others had not started (or finished with their result still in the worker's
+            # outgoing batch): they go back to the front of the queue, in their order.
+            for task in reversed(held):
+                if task is not culprit:
+                    self._sched.requeue(task)
+            if len(held) > 1 or (held and culprit is None):
+                logger.info("re-queued %d task(s) that worker %d held besides the one it ran",
+                            len(held) - (culprit is not None), slot.worker_id)
+        if slot.proc is not None:
+            slot.proc.close()
+        self._sched.forget_worker(slot.worker_id)
+        self._ensure_workers()
+
+    def _running_task(self, slot: _Slot, held: list[Task]) -> Task | None:
+        """Which of a lost worker's tasks it was running: exact for local workers (they publish
+        it in shared memory); otherwise the oldest task it held, as results come back in order."""
+        if slot.proc is not None and slot.proc.reports_progress:
+            running = slot.proc.running_task()
+            if running is None:
+                return None
+            for task in held:
+                if (task.id, task.attempt) == running:
+                    return task
+            return None
+        return held[0] if held else None
+
+    # ---------------------------------------------------------------- teardown
+    def _teardown(self) -> None:
+        """Last thing the thread does, also after a crash: nothing may be left behind."""
+        for slot in list(self._slots.values()):
+            if slot.proc is not None:
+                slot.proc.kill()
+        for slot in list(self._slots.values()):
+            if slot.proc is not None:
+                try:
+                    slot.proc.popen.wait(timeout=5)
+                except Exception:
+                    logger.error("worker %d (pid %d) did not die", slot.worker_id, slot.proc.pid)
+                slot.proc.close()
+        for conn in list(self._conns):
+            self._close(conn)
+        leftover = BrokenDistributedExecutor("the task manager stopped before this task ran")
+        for task in list(self._sched.tasks.values()):
+            _settle(task.future, False, leftover)
+        with self.shared.lock:
+            self.shared.shutdown = True
+        for sock in (self.listener, self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._selector.close()
+        _live_managers.discard(self)
+
+
+def _client_sys_path() -> list[str]:
+    import sys
+
+    return [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+
+
+# ---------------------------------------------------------------------------- interpreter exit
+_live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+_interpreter_exiting = False
+
+
+def interpreter_exiting() -> bool:
+    return _interpreter_exiting
+
+
+def _python_exit() -> None:
+    # Runs before non-daemon threads are joined: finish the work already submitted (as
+    # ProcessPoolExecutor does), then stop every worker.
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    managers = list(_live_managers)
+    for manager in managers:
+        with manager.shared.lock:
+            manager.shared.shutdown = True
+        manager.post((CMD_SHUTDOWN, False))
+    for manager in managers:
+        manager.join()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+
+
+__all__ = ["CancelledError", "Manager", "ManagerConfig", "SharedState", "TaskState", "WorkerRecord",
+           "force_cancel"]

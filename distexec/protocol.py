@@ -1,0 +1,482 @@
+"""The distexec wire protocol: a handshake, then length-prefixed frames. Bytes in, bytes out.
+
+This module does no I/O of its own: the task manager drives it from a non-blocking selector loop,
+the worker from a blocking socket. Everything here can be tested with plain byte strings.
+
+Handshake
+=========
+Nothing is unpickled before both sides have proved they hold the executor's key. The key is 32
+random bytes made per executor; every MAC is HMAC-SHA256 over a label and both nonces, so a
+recorded exchange cannot be replayed and neither side can be impersonated by reflecting the other.
+
+====  =========  =========================================================================
+step  direction  bytes (network byte order)
+====  =========  =========================================================================
+1     M -> W     HELLO   ``"DXEC"`` u16 version, u16 flags (0), 32-byte nonce_m        (40 B)
+2     W -> M     AUTH    ``"DXEW"`` u16 version, u16 info_len, 32-byte mac_w, 32-byte nonce_w,
+                         then ``info_len`` bytes of UTF-8 JSON describing the worker          
+                         mac_w = HMAC(key, "distexec-worker" + nonce_m + nonce_w + info)
+3     M -> W     WELCOME ``"DXEM"`` u8 status, u8 0, u16 msg_len, 32-byte mac_m, then
+                         ``msg_len`` bytes of UTF-8 JSON (worker id, or why it was refused)
+                         mac_m = HMAC(key, "distexec-manager" + nonce_w + nonce_m + u8 status + msg)
+====  =========  =========================================================================
+
+The manager checks the protocol version and the magic before reading further, and the worker's
+info (Python minor version, cloudpickle and distexec versions) only after ``mac_w`` verified.
+A refusal (status != 0) carries a readable reason; when the worker's MAC was wrong the refusal
+cannot be authenticated, and the worker reports it as such.
+
+Frames
+======
+After the handshake every message is one frame::
+
+    offset  size        field
+    0       u8          kind (one of the message kinds below)
+    1       u8          flags (0; reserved)
+    2       u16         nbufs: number of out-of-band buffers
+    4       u32         meta_len: length of the meta section
+    8       8 * nbufs   u64 length of each buffer
+    ...     meta_len    meta: a pickle (protocol 5) of a tuple of plain data
+    ...                 the buffers, back to back
+
+A frame whose total size exceeds the receiver's limit, or with more than ``MAX_BUFFERS``
+buffers, or of an unknown kind, is a protocol error and the connection is dropped. Buffers carry
+pickle protocol 5 out-of-band data (NumPy arrays, large payloads) so that they are written from
+and read into their final memory without intermediate copies.
+
+Message kinds
+=============
+======  ===============  ===========  ====================================================
+code    name             direction    meta
+======  ===============  ===========  ====================================================
+1       CONFIG           M -> W       (config dict,)   sys.path, initializer, limits
+2       TASKS            M -> W       (definitions, forget, items); see manager/worker
+3       SHUTDOWN         M -> W       ()   finish what you hold, then exit
+16      READY            W -> M       (pid,)   initializer done, send tasks
+17      INIT_FAILED      W -> M       (error item,)   initializer raised; worker exits
+18      RESULTS          W -> M       (items,)  one item per finished task
+======  ===============  ===========  ====================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
+
+from .errors import HandshakeError, ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------------------- handshake
+KEY_SIZE = 32
+NONCE_SIZE = 32
+MAC_SIZE = 32
+MAGIC_HELLO = b"DXEC"
+MAGIC_AUTH = b"DXEW"
+MAGIC_WELCOME = b"DXEM"
+HELLO = struct.Struct("!4sHH32s")
+AUTH = struct.Struct("!4sHH32s32s")
+WELCOME = struct.Struct("!4sBBH32s")
+# The JSON blobs in the handshake are tiny; anything bigger is garbage or an attack.
+MAX_HANDSHAKE_JSON = 16 * 1024
+
+STATUS_OK = 0
+STATUS_BAD_KEY = 1
+STATUS_VERSION_MISMATCH = 2
+STATUS_REFUSED = 3
+
+_LABEL_WORKER = b"distexec-worker"
+_LABEL_MANAGER = b"distexec-manager"
+
+
+def new_key() -> bytes:
+    """Return a fresh random executor key."""
+    return os.urandom(KEY_SIZE)
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+def make_hello(nonce_m: bytes) -> bytes:
+    """Step 1, manager side."""
+    return HELLO.pack(MAGIC_HELLO, PROTOCOL_VERSION, 0, nonce_m)
+
+
+def parse_hello(data: bytes) -> bytes:
+    """Step 1, worker side: check the manager's greeting and return its nonce."""
+    magic, version, _flags, nonce_m = HELLO.unpack(data)
+    if magic != MAGIC_HELLO:
+        raise HandshakeError(
+            f"the peer is not a distexec task manager (greeting {data[:4]!r}); "
+            "check the address and port"
+        )
+    if version != PROTOCOL_VERSION:
+        raise HandshakeError(
+            f"the task manager speaks distexec protocol version {version}, this worker speaks "
+            f"{PROTOCOL_VERSION}; install the same distexec version on both sides"
+        )
+    return bytes(nonce_m)
+
+
+def make_auth(key: bytes, nonce_m: bytes, nonce_w: bytes, info: dict[str, Any]) -> bytes:
+    """Step 2, worker side: prove we hold the key and describe ourselves."""
+    blob = json.dumps(info, separators=(",", ":"), sort_keys=True).encode()
+    if len(blob) > MAX_HANDSHAKE_JSON:
+        raise ValueError("worker info too large for the handshake")
+    mac = _mac(key, _LABEL_WORKER, nonce_m, nonce_w, blob)
+    return AUTH.pack(MAGIC_AUTH, PROTOCOL_VERSION, len(blob), mac, nonce_w) + blob
+
+
+class AuthHeader(NamedTuple):
+    info_len: int
+    mac: bytes
+    nonce_w: bytes
+
+
+def parse_auth_header(data: bytes) -> AuthHeader:
+    """Step 2, manager side: validate the fixed part before reading the JSON."""
+    magic, version, info_len, mac, nonce_w = AUTH.unpack(data)
+    if magic != MAGIC_AUTH:
+        raise ProtocolError(f"not a distexec worker: it sent {bytes(data[:8])!r}")
+    if version != PROTOCOL_VERSION:
+        raise HandshakeError(
+            f"the worker speaks distexec protocol version {version}, this task manager speaks "
+            f"{PROTOCOL_VERSION}"
+        )
+    if info_len > MAX_HANDSHAKE_JSON:
+        raise ProtocolError(f"handshake claims {info_len} bytes of worker info, limit is "
+                            f"{MAX_HANDSHAKE_JSON}")
+    return AuthHeader(info_len, bytes(mac), bytes(nonce_w))
+
+
+def verify_auth(key: bytes, nonce_m: bytes, header: AuthHeader, blob: bytes) -> dict[str, Any]:
+    """Step 2, manager side: check the worker's MAC, then (only then) decode its info."""
+    expected = _mac(key, _LABEL_WORKER, nonce_m, header.nonce_w, blob)
+    if not hmac.compare_digest(expected, header.mac):
+        raise HandshakeError("authentication failed: the worker does not hold this executor's key")
+    try:
+        info = json.loads(blob)
+    except ValueError as exc:
+        raise ProtocolError(f"worker info is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ProtocolError("worker info is not a JSON object")
+    return info
+
+
+def make_welcome(
+    key: bytes, nonce_m: bytes, nonce_w: bytes, status: int, message: dict[str, Any]
+) -> bytes:
+    """Step 3, manager side: accept (status 0) or refuse, authenticated with the key."""
+    blob = json.dumps(message, separators=(",", ":"), sort_keys=True).encode()[:MAX_HANDSHAKE_JSON]
+    mac = _mac(key, _LABEL_MANAGER, nonce_w, nonce_m, bytes([status]), blob)
+    return WELCOME.pack(MAGIC_WELCOME, status, 0, len(blob), mac) + blob
+
+
+class WelcomeHeader(NamedTuple):
+    status: int
+    msg_len: int
+    mac: bytes
+
+
+def parse_welcome_header(data: bytes) -> WelcomeHeader:
+    """Step 3, worker side: validate the fixed part."""
+    magic, status, _reserved, msg_len, mac = WELCOME.unpack(data)
+    if magic != MAGIC_WELCOME:
+        raise HandshakeError(f"the task manager answered with garbage ({bytes(data[:8])!r})")
+    if msg_len > MAX_HANDSHAKE_JSON:
+        raise HandshakeError("the task manager's answer is too long")
+    return WelcomeHeader(status, msg_len, bytes(mac))
+
+
+def verify_welcome(
+    key: bytes, nonce_m: bytes, nonce_w: bytes, header: WelcomeHeader, blob: bytes
+) -> dict[str, Any]:
+    """Step 3, worker side: return the manager's message if its MAC is right.
+
+    Raises:
+        HandshakeError: the manager refused us (with its reason) or could not prove it holds
+            the key.
+    """
+    expected = _mac(key, _LABEL_MANAGER, nonce_w, nonce_m, bytes([header.status]), blob)
+    authentic = hmac.compare_digest(expected, header.mac)
+    try:
+        message = json.loads(blob) if blob else {}
+    except ValueError:
+        message = {}
+    reason = message.get("error", "") if isinstance(message, dict) else ""
+    if header.status != STATUS_OK:
+        if authentic:
+            raise HandshakeError(f"the task manager refused this worker: {reason}")
+        raise HandshakeError(
+            f"the task manager refused this worker (unauthenticated reply): {reason or 'no reason'}"
+        )
+    if not authentic:
+        raise HandshakeError(
+            "the task manager could not prove it holds the key: wrong key or not the "
+            "executor you meant"
+        )
+    if not isinstance(message, dict):
+        raise HandshakeError("the task manager's welcome is not a JSON object")
+    return message
+
+
+# ---------------------------------------------------------------------------- frames
+FRAME_HEADER = struct.Struct("!BBHI")
+MAX_BUFFERS = 4096
+# Default cap on one frame (meta plus buffers). Large enough for any sensible argument; a bigger
+# claim is a corrupted stream or a hostile peer and must not make us allocate.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024**3
+
+CONFIG = 1
+TASKS = 2
+SHUTDOWN = 3
+READY = 16
+INIT_FAILED = 17
+RESULTS = 18
+KIND_NAMES = {
+    CONFIG: "CONFIG",
+    TASKS: "TASKS",
+    SHUTDOWN: "SHUTDOWN",
+    READY: "READY",
+    INIT_FAILED: "INIT_FAILED",
+    RESULTS: "RESULTS",
+}
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Frame(NamedTuple):
+    kind: int
+    meta: Any  # the unpickled meta tuple
+    buffers: list[Buffer]
+
+
+def encode_frame(kind: int, meta: Any, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
+    """Return the pieces of one frame, ready for ``socket.sendmsg`` (no concatenation)."""
+    if len(buffers) > MAX_BUFFERS:
+        raise ValueError(f"a frame carries at most {MAX_BUFFERS} buffers")
+    blob = pickle.dumps(meta, protocol=5)
+    views = [memoryview(b).cast("B") if not isinstance(b, bytes) else b for b in buffers]
+    head = FRAME_HEADER.pack(kind, 0, len(views), len(blob))
+    if views:
+        head += struct.pack(f"!{len(views)}Q", *(len(v) for v in views))
+    if len(blob) < 16384:
+        return [head + blob, *views]
+    return [head, blob, *views]
+
+
+# Frames whose body fits below this are assembled in the decoder's scratch buffer; bigger ones
+# get buffers of their own that the socket reads straight into (one copy, from the kernel).
+_DIRECT_THRESHOLD = 64 * 1024
+_SCRATCH_SIZE = 256 * 1024
+
+
+class FrameDecoder:
+    """Incremental frame parser that hands out the memory to ``recv_into`` next.
+
+    Usage (any thread, one decoder per connection)::
+
+        n = sock.recv_into(decoder.recv_buffer())
+        for frame in decoder.feed(n): ...
+
+    Raises :class:`ProtocolError` on an unknown kind, too many buffers or an oversized frame.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._start = 0
+        self._end = 0
+        # A large frame in progress: header fields plus the segments being filled.
+        self._big: tuple[int, list[bytearray]] | None = None
+        self._seg = 0
+        self._off = 0
+
+    @property
+    def idle(self) -> bool:
+        """True when no partial frame is buffered (a clean point to close the stream)."""
+        return self._big is None and self._start == self._end
+
+    def recv_buffer(self) -> memoryview:
+        if self._big is not None:
+            segs = self._big[1]
+            return memoryview(segs[self._seg])[self._off:]
+        if self._end == len(self._scratch):
+            self._compact()
+        return memoryview(self._scratch)[self._end:]
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if n and self._start:
+            self._scratch[:n] = self._scratch[self._start:self._end]
+        self._start, self._end = 0, n
+
+    def feed(self, n: int) -> list[Frame]:
+        frames: list[Frame] = []
+        if self._big is not None:
+            self._off += n
+            self._advance_big(frames)
+            if self._big is not None:
+                return frames
+        else:
+            self._end += n
+        self._parse(frames)
+        return frames
+
+    def _advance_big(self, frames: list[Frame]) -> None:
+        assert self._big is not None
+        kind, segs = self._big
+        while self._seg < len(segs) and self._off >= len(segs[self._seg]):
+            self._seg += 1
+            self._off = 0
+        if self._seg == len(segs):
+            self._big = None
+            frames.append(_make_frame(kind, segs[0], list(segs[1:])))
+
+    def _parse(self, frames: list[Frame]) -> None:
+        buf = self._scratch
+        while True:
+            avail = self._end - self._start
+            if avail < FRAME_HEADER.size:
+                break
+            kind, _flags, nbufs, meta_len = FRAME_HEADER.unpack_from(buf, self._start)
+            if kind not in KIND_NAMES:
+                raise ProtocolError(f"unknown message kind {kind}")
+            if nbufs > MAX_BUFFERS:
+                raise ProtocolError(f"frame declares {nbufs} buffers, limit is {MAX_BUFFERS}")
+            head_len = FRAME_HEADER.size + 8 * nbufs
+            if avail < head_len:
+                if self._start + head_len > len(buf):
+                    self._compact()
+                break
+            lens = struct.unpack_from(f"!{nbufs}Q", buf, self._start + FRAME_HEADER.size)
+            body = meta_len + sum(lens)
+            if body > self.max_message_size:
+                raise ProtocolError(
+                    f"frame of {body} bytes exceeds the limit of {self.max_message_size} bytes"
+                )
+            if body <= _DIRECT_THRESHOLD:
+                if avail < head_len + body:
+                    if self._start + head_len + body > len(buf):
+                        self._compact()
+                    break
+                pos = self._start + head_len
+                view = memoryview(buf)
+                meta = bytes(view[pos:pos + meta_len])
+                pos += meta_len
+                bufs: list[Buffer] = []
+                for length in lens:
+                    bufs.append(bytearray(view[pos:pos + length]))
+                    pos += length
+                self._start = pos
+                frames.append(_make_frame(kind, meta, bufs))
+                continue
+            # Large frame: give each section its own memory and move what we already have.
+            segs = [bytearray(meta_len)] + [bytearray(length) for length in lens]
+            self._start += head_len
+            self._seg, self._off = 0, 0
+            self._big = (kind, segs)
+            self._advance_big(frames)
+            view = memoryview(buf)
+            while self._big is not None and self._start < self._end:
+                seg = segs[self._seg]
+                take = min(self._end - self._start, len(seg) - self._off)
+                seg[self._off:self._off + take] = view[self._start:self._start + take]
+                self._start += take
+                self._off += take
+                self._advance_big(frames)
+            if self._big is None:
+                continue  # complete already; parse what follows it
+            self._start = self._end = 0
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+
+def _make_frame(kind: int, meta: Buffer, buffers: list[Buffer]) -> Frame:
+    try:
+        obj = pickle.loads(meta)
+    except Exception as exc:
+        raise ProtocolError(f"{KIND_NAMES[kind]} frame has an undecodable meta section: "
+                            f"{exc!r}") from exc
+    if not isinstance(obj, tuple):
+        raise ProtocolError(f"{KIND_NAMES[kind]} frame meta is not a tuple")
+    return Frame(kind, obj, buffers)
+
+
+class OutQueue:
+    """Bytes waiting to be written to one non-blocking socket (manager thread only)."""
+
+    # sendmsg takes at most IOV_MAX (1024 on Linux) pieces; stay well below.
+    _IOV_BATCH = 64
+
+    def __init__(self) -> None:
+        self._parts: deque[memoryview] = deque()
+        self.nbytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._parts)
+
+    def extend(self, parts: Sequence[Buffer]) -> None:
+        for p in parts:
+            mv = p if isinstance(p, memoryview) else memoryview(p)
+            if mv.nbytes:
+                self._parts.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
+                self.nbytes += mv.nbytes
+
+    def write_to(self, sock: Any) -> int:
+        """Write as much as the socket takes; return bytes written. Raises OSError on failure."""
+        total = 0
+        parts = self._parts
+        while parts:
+            batch = [parts[i] for i in range(min(len(parts), self._IOV_BATCH))]
+            want = sum(v.nbytes for v in batch)
+            try:
+                sent = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            total += sent
+            self.nbytes -= sent
+            left = sent
+            while left:
+                head = parts[0]
+                if left >= head.nbytes:
+                    left -= head.nbytes
+                    parts.popleft()
+                else:
+                    parts[0] = head[left:]
+                    left = 0
+            if sent < want:
+                break
+        return total
+
+
+def send_all_blocking(sock: Any, parts: Sequence[Buffer]) -> None:
+    """Write every piece to a blocking socket with scatter-gather, no concatenation."""
+    views = deque(memoryview(p).cast("B") if not isinstance(p, bytes) else memoryview(p)
+                  for p in parts)
+    while views:
+        batch = [views[i] for i in range(min(len(views), 64))]
+        sent = sock.sendmsg(batch)
+        while sent:
+            head = views[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                views.popleft()
+            else:
+                views[0] = head[sent:]
+                sent = 0
+        while views and views[0].nbytes == 0:
+            views.popleft()

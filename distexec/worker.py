@@ -1,0 +1,445 @@
+"""The worker process: ``python -m distexec.worker --connect HOST:PORT``.
+
+A worker connects to the task manager, proves it holds the executor's key, receives its
+configuration, runs the initializer, then executes the tasks it is sent and returns results.
+
+Threads:
+  * ``MainThread`` reads the manager's messages, runs tasks one at a time and sends their
+    results (batched while more tasks are already waiting, so that short tasks cost one message
+    per batch, not per task). It reads the socket itself, with no hand-off between threads, which
+    keeps the round trip short. When the connection closes, the manager is gone and the worker
+    exits.
+  * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
+    when the process that started the worker dies, even by SIGKILL; the worker then exits.
+
+This module never imports the manager, the executor or paramiko.
+
+Exit codes: 0 normal shutdown, 3 handshake failed or refused, 4 lost the task manager,
+5 the initializer raised, 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from . import protocol, serialization
+from ._version import __version__
+from .errors import HandshakeError, ProtocolError, TaskPicklingError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_HANDSHAKE = 3
+EXIT_MANAGER_LOST = 4
+EXIT_INITIALIZER = 5
+
+# Payloads above this travel as separate frame buffers instead of inside the meta pickle, which
+# saves one copy of large results.
+INLINE_LIMIT = 32 * 1024
+# Results are sent in batches while more tasks wait locally; these bound a batch.
+FLUSH_MAX_ITEMS = 64
+FLUSH_MAX_BYTES = 1024 * 1024
+FLUSH_MAX_DELAY = 0.005
+
+KEY_ENV = "DISTEXEC_KEY"
+# Layout of the progress region shared with a local task manager: (task id, attempt), zeros
+# between tasks. Must match distexec.launchers.local.PROGRESS (the worker does not import it).
+_PROGRESS = struct.Struct("=qq")
+
+
+def worker_info(worker_id: int | None) -> dict[str, Any]:
+    """What a worker tells the manager about itself in the handshake."""
+    import cloudpickle
+
+    try:
+        import tblib
+
+        tblib_version = getattr(tblib, "__version__", "unknown")
+    except ImportError:  # pragma: no cover - a dependency
+        tblib_version = "missing"
+    return {
+        "worker_id": worker_id,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "executable": sys.executable,
+        "cloudpickle": cloudpickle.__version__,
+        "tblib": tblib_version,
+        "distexec": __version__,
+        "cpus": os.cpu_count() or 1,
+    }
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the task manager closed the connection during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+def client_handshake(
+    sock: socket.socket, key: bytes, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Worker side of the handshake (blocking). Returns the manager's welcome message."""
+    nonce_m = protocol.parse_hello(_recv_exactly(sock, protocol.HELLO.size))
+    nonce_w = protocol.new_nonce()
+    sock.sendall(protocol.make_auth(key, nonce_m, nonce_w, info))
+    header = protocol.parse_welcome_header(_recv_exactly(sock, protocol.WELCOME.size))
+    blob = _recv_exactly(sock, header.msg_len) if header.msg_len else b""
+    return protocol.verify_welcome(key, nonce_m, nonce_w, header, blob)
+
+
+class _Outbox:
+    """Results waiting to be sent (main thread only)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, ...]] = []
+        self.buffers: list[Any] = []
+        self.nbytes = 0
+        self.since = 0.0
+
+    def add(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
+        if not self.items:
+            self.since = time.monotonic()
+        self.items.append(item)
+        self.buffers.extend(buffers)
+        self.nbytes += nbytes
+
+    def due(self) -> bool:
+        return (
+            len(self.items) >= FLUSH_MAX_ITEMS
+            or self.nbytes >= FLUSH_MAX_BYTES
+            or time.monotonic() - self.since >= FLUSH_MAX_DELAY
+        )
+
+
+def _pack(payload: bytes, buffers: list[Any]) -> tuple[bytes | None, list[Any], int]:
+    """Put a small payload inline; a large one becomes the first of the item's buffers."""
+    size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
+    if len(payload) <= INLINE_LIMIT:
+        return payload, buffers, size
+    return None, [payload, *buffers], size
+
+
+class Worker:
+    """One connection to a task manager and the loop that serves it."""
+
+    def __init__(self, sock: socket.socket, worker_id: int, progress: Any = None) -> None:
+        self.sock = sock
+        self.progress = progress  # shared memory the local manager reads after a crash
+        self.worker_id = worker_id
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.decoder = protocol.FrameDecoder()
+        self.frames: deque[protocol.Frame] = deque()
+        self.send_lock = threading.Lock()
+        self.closing = False
+        self.fns: dict[int, Any] = {}  # fn_id -> callable, or bytes until first use
+        self.once: set[int] = set()  # fn_ids to forget after their task ran
+        self.outbox = _Outbox()
+
+    # -- I/O -----------------------------------------------------------------------------
+    def send(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
+        parts = protocol.encode_frame(kind, meta, buffers)
+        with self.send_lock:
+            protocol.send_all_blocking(self.sock, parts)
+
+    def _fill(self, block: bool) -> bool:
+        """Read what the manager sent into ``self.frames``; False if nothing was available.
+
+        Raises ConnectionError when the manager has closed the connection.
+        """
+        decoder = self.decoder
+        flags = 0 if block else socket.MSG_DONTWAIT
+        while True:
+            try:
+                n = self.sock.recv_into(decoder.recv_buffer(), 0, flags)
+            except (BlockingIOError, InterruptedError):
+                return bool(self.frames)
+            if n == 0:
+                raise ConnectionError("the task manager closed the connection")
+            self.frames.extend(decoder.feed(n))
+            if self.frames:
+                return True
+            flags = 0 if block else socket.MSG_DONTWAIT
+
+    def next_frame(self) -> protocol.Frame:
+        """The next message from the manager; blocks, flushing pending results first."""
+        if not self.frames and not self._fill(block=False):
+            self.flush()
+            _flush_std_streams()
+            self._fill(block=True)
+        return self.frames.popleft()
+
+    def flush(self) -> None:
+        box = self.outbox
+        if box.items:
+            self.send(protocol.RESULTS, (box.items,), box.buffers)
+            self.outbox = _Outbox()
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        frame = self.next_frame()
+        if frame.kind != protocol.CONFIG:
+            raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
+        config: dict[str, Any] = frame.meta[0]
+        if config.get("sys_path") is not None:
+            sys.path[:] = _merge_sys_path(config["sys_path"])
+        if config.get("initializer") is not None:
+            try:
+                initializer, initargs = serialization.loads(config["initializer"])
+                initializer(*initargs)
+            except BaseException as exc:
+                note = f"[distexec] raised by the initializer on {self.where()}"
+                data, type_name, message, text = serialization.dumps_exception(exc, note)
+                self.send(protocol.INIT_FAILED, ((data, type_name, message, text),))
+                self.close()
+                return EXIT_INITIALIZER
+        self.send(protocol.READY, (self.pid,))
+        while True:
+            frame = self.next_frame()
+            if frame.kind == protocol.TASKS:
+                self.run_batch(frame)
+            elif frame.kind == protocol.SHUTDOWN:
+                self.flush()
+                self.close()
+                return EXIT_OK
+            else:
+                raise ProtocolError(f"unexpected {protocol.KIND_NAMES[frame.kind]} message")
+            if self.outbox.items and self.outbox.due():
+                self.flush()
+
+    def where(self) -> str:
+        return f"worker {self.worker_id} (host {self.host}, pid {self.pid})"
+
+    def close(self) -> None:
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def run_batch(self, frame: protocol.Frame) -> None:
+        defs, forget, items = frame.meta
+        for fn_id, data, once in defs:
+            self.fns[fn_id] = data
+            if once:
+                self.once.add(fn_id)
+        for fn_id in forget:
+            self.fns.pop(fn_id, None)
+        buffers = frame.buffers
+        cursor = 0
+        last = len(items) - 1
+        for index, (task_id, attempt, fn_id, kind, inline, nbufs) in enumerate(items):
+            if inline is None:
+                payload = buffers[cursor]
+                cursor += 1
+                nbufs -= 1
+            else:
+                payload = inline
+            oob = buffers[cursor:cursor + nbufs]
+            cursor += nbufs
+            self.run_task(task_id, attempt, fn_id, kind, payload, oob)
+            if fn_id in self.once:
+                self.once.discard(fn_id)
+                self.fns.pop(fn_id, None)
+            if self.outbox.items and index < last and self.outbox.due():
+                self.flush()
+
+    def run_task(
+        self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
+    ) -> None:
+        fn: Any = None
+        progress = self.progress
+        if progress is not None:
+            _PROGRESS.pack_into(progress, 0, task_id, attempt)
+        try:
+            self._run_task(task_id, attempt, fn_id, kind, payload, oob)
+        finally:
+            if progress is not None:
+                _PROGRESS.pack_into(progress, 0, 0, 0)
+
+    def _run_task(
+        self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
+    ) -> None:
+        fn: Any = None
+        try:
+            fn = self.fns[fn_id]
+            if isinstance(fn, bytes):
+                fn = self.fns[fn_id] = serialization.loads(fn)
+            args = serialization.loads(payload, oob)
+        except BaseException as exc:
+            self.report_error(task_id, attempt, exc, -1.0,
+                              f"[distexec] raised while unpickling task {task_id}'s function or "
+                              f"arguments on {self.where()}")
+            return
+        del payload, oob
+        start = time.perf_counter()
+        try:
+            if kind == 0:
+                result = fn(*args[0], **args[1])
+            else:
+                result = [fn(*a) for a in args]
+        except BaseException as exc:
+            duration = time.perf_counter() - start
+            if exc.__traceback__ is not None:
+                # Start the remote traceback at the user's function, not at this frame.
+                exc.__traceback__ = exc.__traceback__.tb_next
+            self.report_error(task_id, attempt, exc, duration,
+                              f"[distexec] raised in task {task_id} on {self.where()}")
+            return
+        duration = time.perf_counter() - start
+        del args
+        try:
+            data, bufs = serialization.dumps(result)
+        except BaseException as exc:
+            err = TaskPicklingError(
+                f"the result of task {task_id} ({serialization.describe_callable(fn)}) could not "
+                f"be pickled: {type(exc).__name__}: {serialization.safe_str(exc)}. Return plain "
+                "data (numbers, strings, lists, dicts, arrays) or make the type picklable"
+            )
+            err.__cause__ = exc
+            self.report_error(task_id, attempt, err, duration, None)
+            return
+        inline, bufs, size = _pack(data, bufs)
+        self.outbox.add((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
+
+    def report_error(
+        self, task_id: int, attempt: int, exc: BaseException, duration: float, note: str | None
+    ) -> None:
+        data, type_name, message, text = serialization.dumps_exception(exc, note)
+        inline, bufs, size = _pack(data, [])
+        self.outbox.add(
+            (task_id, attempt, False, inline, len(bufs), duration, (type_name, message, text)),
+            bufs, size + len(text),
+        )
+
+
+def _merge_sys_path(client_path: list[str]) -> list[str]:
+    """The client's import path, followed by anything of ours it lacks (distexec's own root)."""
+    merged = list(client_path)
+    for entry in sys.path:
+        if entry not in merged:
+            merged.append(entry)
+    return merged
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _lifeline(stream: Any) -> None:
+    """Lifeline thread: exit as soon as the launching process closes our stdin."""
+    try:
+        while os.read(stream.fileno(), 65536):
+            pass
+    except OSError:
+        pass
+    _flush_std_streams()
+    os._exit(EXIT_MANAGER_LOST)
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _read_key(args: argparse.Namespace) -> bytes:
+    if args.key_stdin:
+        line = sys.stdin.buffer.readline().strip()
+    elif args.key_file:
+        with open(args.key_file, "rb") as fh:
+            line = fh.read().strip()
+    elif os.environ.get(KEY_ENV):
+        line = os.environ[KEY_ENV].strip().encode()
+    else:
+        raise ValueError(f"no key: pass --key-file or set {KEY_ENV}")
+    try:
+        key = bytes.fromhex(line.decode())
+    except ValueError:
+        raise ValueError("the key must be hexadecimal") from None
+    if not key:
+        raise ValueError("the key is empty")
+    return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distexec.worker",
+                                     description="Run a distexec worker.")
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT")
+    parser.add_argument("--worker-id", type=int, default=None)
+    parser.add_argument("--key-stdin", action="store_true",
+                        help="read the key from the first line of stdin; exit when stdin closes")
+    parser.add_argument("--key-file", default=None)
+    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="distexec worker: %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group; it is meant for the user's program,
+    # whose executor decides what happens to running tasks. Workers do not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        key = _read_key(args)
+        host, port = _parse_address(args.connect)
+    except (OSError, ValueError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    if args.key_stdin:
+        threading.Thread(target=_lifeline, args=(sys.stdin,), name="distexec-lifeline",
+                         daemon=True).start()
+    try:
+        sock = socket.create_connection((host, port), timeout=args.connect_timeout)
+    except OSError as exc:
+        logger.error("cannot connect to the task manager at %s:%d: %s", host, port, exc)
+        return EXIT_MANAGER_LOST
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        welcome = client_handshake(sock, key, worker_info(args.worker_id))
+    except (HandshakeError, ProtocolError, OSError) as exc:
+        logger.error("handshake with the task manager at %s:%d failed: %s", host, port, exc)
+        return EXIT_HANDSHAKE
+    sock.settimeout(None)
+    progress = None
+    if args.progress_fd is not None:
+        import mmap
+
+        try:
+            progress = mmap.mmap(args.progress_fd, _PROGRESS.size)
+        except (OSError, ValueError):
+            progress = None
+    worker = Worker(sock, int(welcome["worker_id"]), progress)
+    try:
+        return worker.run()
+    except (OSError, ProtocolError, pickle.UnpicklingError) as exc:
+        if worker.closing:
+            return EXIT_OK
+        if not isinstance(exc, ConnectionError):
+            logger.error("worker %d: %s", worker.worker_id, exc)
+        return EXIT_MANAGER_LOST
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Shared fixtures. Every test runs under a leak check: when it ends, no distexec thread and no
+worker process of ours may remain (both are waited for, with a bound, never slept on)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+# Bound on how long a finished test's threads and worker processes may take to go away.
+LEAK_GRACE = 15.0
+
+
+def distexec_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("distexec-") and t.is_alive()]
+
+
+def worker_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "distexec.worker" in " ".join(child.cmdline()):
+                out.append(child)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail a test that leaves distexec threads or worker processes behind."""
+    yield
+    if request.node.get_closest_marker("allow_leaks"):
+        return
+    deadline = time.monotonic() + LEAK_GRACE
+    for thread in distexec_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = distexec_threads()
+    gone, alive = psutil.wait_procs(worker_children(), timeout=max(0.1, deadline - time.monotonic()))
+    for proc in alive:
+        proc.kill()
+    assert not left, f"distexec threads still running after the test: {left}"
+    assert not alive, f"worker processes still running after the test: {alive}"
+
+
+@pytest.fixture
+def executor():
+    """A two-worker executor, shut down (and leak-checked) after the test."""
+    from distexec import DistributedExecutor
+
+    ex = DistributedExecutor(max_workers=2)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def python_env():
+    """Environment for child Python scripts that must import distexec from this checkout."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_leaks: skip the thread/process leak check")
+
+
+PYTHON = sys.executable

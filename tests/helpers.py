@@ -1,0 +1,150 @@
+"""Test helpers importable by workers too (tests/ is on the client's sys.path, which local
+workers inherit). Functions here are pickled by reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+
+class Gate:
+    """A barrier that tasks in other processes wait on, without sleeping.
+
+    A task calls ``wait_gate(gate.address)``: it connects to the gate and blocks reading. The test
+    learns that the task has arrived (:meth:`wait_arrivals`) and releases every waiting task
+    (and any later one) with :meth:`open`.
+    """
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = "%s:%d" % self._server.getsockname()[:2]
+        self._cond = threading.Condition()
+        self._held: list[socket.socket] = []
+        self._arrived = 0
+        self._open = False
+        self._thread = threading.Thread(target=self._accept, name="test-gate", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with self._cond:
+                self._arrived += 1
+                if self._open:
+                    conn.close()
+                else:
+                    self._held.append(conn)
+                self._cond.notify_all()
+
+    def wait_arrivals(self, n: int, timeout: float = 30.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._arrived >= n, timeout):
+                raise TimeoutError(f"only {self._arrived} of {n} tasks reached the gate")
+
+    @property
+    def arrived(self) -> int:
+        with self._cond:
+            return self._arrived
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            for conn in self._held:
+                conn.close()
+            self._held.clear()
+
+    def close(self) -> None:
+        self.open()
+        self._server.close()
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_gate(address: str, value: object = None) -> object:
+    """Task: block until the gate opens, then return ``value``."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        while conn.recv(1):
+            pass
+    return value
+
+
+def identity(x: object) -> object:
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def getpid(_: object = None) -> int:
+    return os.getpid()
+
+
+def exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self(sig: int = signal.SIGKILL) -> None:
+    os.kill(os.getpid(), sig)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def raise_value_error(msg: str) -> None:
+    raise ValueError(msg)
+
+
+_init_value = None
+
+
+def init_store(value: object) -> None:
+    global _init_value
+    _init_value = value
+
+
+def init_read() -> object:
+    return _init_value
+
+
+def init_fail() -> None:
+    raise ValueError("error in initializer")
+
+
+def wait_for_pid_gone(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` is gone (bounded; uses psutil's event-driven wait)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        return False
+    except psutil.NoSuchProcess:
+        pass
+    return True
+
+
+def now() -> float:
+    return time.monotonic()

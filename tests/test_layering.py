@@ -1,0 +1,72 @@
+"""The dependency arrows of the package hold (see ../shared STYLE: errors <- protocol,
+serialization, scheduler, launchers <- manager <- executor; the worker never imports the manager,
+the executor or paramiko; launchers never import the protocol)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+PKG = pathlib.Path(__file__).resolve().parent.parent / "distexec"
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found.add(base)
+            found |= {f"{base}.{a.name}" if base.endswith(".") is False else base + a.name
+                      for a in node.names}
+    return found
+
+
+def refers_to(imports: set[str], module: str) -> bool:
+    return any(module in name.split(".") for name in imports)
+
+
+FORBIDDEN = {
+    "worker.py": ["manager", "executor", "paramiko", "launchers"],
+    "protocol.py": ["manager", "executor", "serialization", "scheduler", "launchers", "worker"],
+    "serialization.py": ["manager", "executor", "protocol", "socket", "scheduler"],
+    "scheduler.py": ["manager", "executor", "protocol", "socket", "serialization"],
+    "errors.py": ["manager", "executor", "protocol", "serialization", "scheduler"],
+    "manager.py": ["executor"],
+    "launchers/local.py": ["protocol", "manager", "executor", "paramiko"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_dependency_direction(module):
+    imports = imports_of(PKG / module)
+    bad = [m for m in FORBIDDEN[module] if refers_to(imports, m)]
+    assert not bad, f"{module} must not import {bad}"
+
+
+def test_worker_process_does_not_load_the_manager():
+    code = ("import sys, runpy; sys.argv = ['w', '--help'];\n"
+            "try:\n    runpy.run_module('distexec.worker', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "bad = [m for m in ('distexec.manager', 'distexec.executor', 'paramiko', "
+            "'distexec.launchers') if m in sys.modules]\n"
+            "print(bad)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(PKG.parent), timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_paramiko_is_not_imported_by_the_core():
+    code = "import sys, distexec; distexec.DistributedExecutor; print('paramiko' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(PKG.parent), timeout=20)
+    assert proc.stdout.strip() == "False", proc.stderr
