@@ -22,7 +22,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "distexec": __version__,
-        "python": "%d.%d.%d" % sys.version_info[:3],
+        "python": "{}.{}.{}".format(*sys.version_info[:3]),
         "cloudpickle": cloudpickle.__version__,
         "tblib": getattr(tblib, "__version__", "unknown"),
         "executable": sys.executable,

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover
-    from typing_extensions import ParamSpec
 
 from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError
@@ -214,7 +209,7 @@ class DistributedExecutor(Executor):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
         return self._submit(fn, args, kwargs or None, TaskKind.CALL)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
@@ -250,7 +245,7 @@ class DistributedExecutor(Executor):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        work: Iterator[Any] = zip(*iterables)
+        work: Iterator[Any] = zip(*iterables)  # noqa: B905 (map stops at the shortest)
         if chunksize > 1:
             work = _batched(work, chunksize)
             kind = TaskKind.CHUNK

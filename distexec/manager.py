@@ -40,6 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -113,13 +114,13 @@ def force_cancel(future: Future[Any]) -> bool:
     task the future must still end cancelled, with waiters and callbacks notified exactly as
     ``cancel()`` followed by ``set_running_or_notify_cancel()`` would.
     """
-    with future._condition:  # type: ignore[attr-defined]
-        if future._state in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):  # type: ignore[attr-defined]
+    with future._condition:
+        if future._state in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):
             return False
-        future._state = CANCELLED_AND_NOTIFIED  # type: ignore[attr-defined]
-        for waiter in future._waiters:  # type: ignore[attr-defined]
+        future._state = CANCELLED_AND_NOTIFIED
+        for waiter in future._waiters:
             waiter.add_cancelled(future)
-        future._condition.notify_all()  # type: ignore[attr-defined]
+        future._condition.notify_all()
     future._invoke_callbacks()  # type: ignore[attr-defined]
     return True
 
@@ -323,8 +324,9 @@ class Manager:
         active = sum(
             1 for w in self._sched.live_workers() if w.state is not WorkerState.DRAINING
         )
-        for _ in range(self._wanted_workers() - active):
+        while active < self._wanted_workers():
             self._launch()
+            active += 1
 
     def _launch(self) -> None:
         worker_id = next(self._worker_ids)
@@ -346,11 +348,15 @@ class Manager:
         self._slots[worker_id] = slot
         if proc.pidfd is not None:
             self._selector.register(proc.pidfd, selectors.EVENT_READ,
-                                    lambda fd, mask, p=proc: self._on_process_exit(p))
+                                    self._exit_handler(proc))
         else:
             proc.watch(self._exit_from_thread)
-        self._at(now + self.config.worker_start_timeout,
-                 lambda: self._check_started(worker_id))
+        self._at(now + self.config.worker_start_timeout, partial(self._check_started, worker_id))
+
+    def _exit_handler(self, proc: LocalProcess) -> Callable[[Any, int], None]:
+        def handler(fd: Any, mask: int) -> None:
+            self._on_process_exit(proc)
+        return handler
 
     def _exit_from_thread(self, proc: LocalProcess) -> None:
         # Reaper thread: hand the news to the manager thread.
@@ -395,7 +401,7 @@ class Manager:
             self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
             self._send_raw(conn, [protocol.make_hello(conn.nonce_m)])
             deadline_at = time.monotonic() + HANDSHAKE_TIMEOUT
-            self._at(deadline_at, lambda c=conn: self._handshake_timeout(c))
+            self._at(deadline_at, partial(self._handshake_timeout, conn))
 
     def _io_handler(self, conn: _Conn) -> Callable[[Any, int], None]:
         def handler(sock: Any, mask: int) -> None:
@@ -466,7 +472,7 @@ class Manager:
         import sys
 
         here = {
-            "python": "%d.%d" % sys.version_info[:2],
+            "python": "{}.{}".format(*sys.version_info[:2]),
             "cloudpickle": cloudpickle.__version__,
             "distexec": __version__,
         }
@@ -579,7 +585,7 @@ class Manager:
                 logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
         elif frame.kind == protocol.INIT_FAILED:
             data, type_name, message, text = frame.meta[0]
-            exc = serialization.loads_exception(data, type_name, message, text)
+            exc = serialization.loads_exception(bytes(data), type_name, message, text)
             record = self._sched.workers[worker_id]
             self._break(BrokenDistributedExecutor(
                 f"the initializer failed on {record.describe()}: {type_name}: {message}. "
@@ -735,7 +741,8 @@ class Manager:
                                                        buffers))
                 defs, forget, items, buffers = [], [], [], []
         if items or forget or defs:
-            self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items), buffers))
+            meta = (defs, forget, items)
+            self._send_raw(conn, protocol.encode_frame(protocol.TASKS, meta, buffers))
 
     def _unpicklable(self, task: Task, what: str, exc: BaseException) -> None:
         name = serialization.describe_callable(task.fn)
@@ -758,7 +765,7 @@ class Manager:
         if slot.conn is not None:
             self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ()))
         if slot.proc is not None:
-            self._at(time.monotonic() + SHUTDOWN_GRACE, lambda s=slot: self._kill_late(s))
+            self._at(time.monotonic() + SHUTDOWN_GRACE, partial(self._kill_late, slot))
 
     def _kill_late(self, slot: _Slot) -> None:
         if self._slots.get(slot.worker_id) is slot and slot.proc is not None and not slot.exited:
@@ -856,7 +863,7 @@ class Manager:
             # The exit status usually follows within milliseconds; give it a moment so the
             # error can name it, then stop waiting.
             slot.exit_deadline = time.monotonic() + EXIT_GRACE
-            self._at(slot.exit_deadline, lambda s=slot: self._exit_overdue(s))
+            self._at(slot.exit_deadline, partial(self._exit_overdue, slot))
 
     def _exit_overdue(self, slot: _Slot) -> None:
         if self._slots.get(slot.worker_id) is slot and not slot.exited and slot.proc is not None:

@@ -14,7 +14,7 @@ step  direction  bytes (network byte order)
 ====  =========  =========================================================================
 1     M -> W     HELLO   ``"DXEC"`` u16 version, u16 flags (0), 32-byte nonce_m        (40 B)
 2     W -> M     AUTH    ``"DXEW"`` u16 version, u16 info_len, 32-byte mac_w, 32-byte nonce_w,
-                         then ``info_len`` bytes of UTF-8 JSON describing the worker          
+                         then ``info_len`` bytes of UTF-8 JSON describing the worker
                          mac_w = HMAC(key, "distexec-worker" + nonce_m + nonce_w + info)
 3     M -> W     WELCOME ``"DXEM"`` u8 status, u8 0, u16 msg_len, 32-byte mac_m, then
                          ``msg_len`` bytes of UTF-8 JSON (worker id, or why it was refused)
@@ -68,7 +68,7 @@ import pickle
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from .errors import HandshakeError, ProtocolError
 
@@ -254,7 +254,7 @@ KIND_NAMES = {
     RESULTS: "RESULTS",
 }
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 class Frame(NamedTuple):

@@ -259,20 +259,23 @@ class Scheduler:
         return task
 
     # -- workers -------------------------------------------------------------------------
-    def add_worker(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> WorkerRecord:
+    def add_worker(
+        self, worker_id: int, host: str, max_tasks: int | None, now: float
+    ) -> WorkerRecord:
         record = WorkerRecord(worker_id, host, max_tasks, now)
         self.workers[worker_id] = record
         return record
 
     def live_workers(self) -> Iterator[WorkerRecord]:
-        return (w for w in self.workers.values() if w.state not in (WorkerState.GONE, WorkerState.LOST))
+        over = (WorkerState.GONE, WorkerState.LOST)
+        return (w for w in self.workers.values() if w.state not in over)
 
     def worker_ready(self, worker_id: int) -> None:
         worker = self.workers[worker_id]
         worker.transition(WorkerState.IDLE)
 
     def worker_lost(self, worker_id: int) -> list[Task]:
-        """Mark a worker lost; return the tasks it held (still ASSIGNED, for the caller to settle)."""
+        """Mark a worker lost; return the tasks it held (ASSIGNED still, for the caller)."""
         worker = self.workers[worker_id]
         if worker.state is not WorkerState.LOST:
             worker.transition(WorkerState.LOST)
@@ -311,7 +314,8 @@ class Scheduler:
         queue = self.queue
         if not queue:
             return []
-        ready = [w for w in self.workers.values() if w.state in _LIVE and len(w.assigned) < w.window]
+        ready = [w for w in self.workers.values()
+                 if w.state in _LIVE and len(w.assigned) < w.window]
         if not ready:
             return []
         batches: dict[int, list[Task]] = {}

@@ -59,12 +59,12 @@ def dumps(obj: Any) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     if not _by_value_modules_registered():
         try:
-            data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+            fast = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
         except Exception:
-            data = None
+            pass
         else:
-            if _MAIN_MARKER not in data:
-                return data, [b.raw() for b in buffers]
+            if _MAIN_MARKER not in fast:
+                return fast, [b.raw() for b in buffers]
         buffers.clear()
     data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
     return data, [b.raw() for b in buffers]
@@ -234,7 +234,9 @@ def dumps_exception(exc: BaseException, note: str | None = None) -> tuple[bytes,
         return _pickle_exception(stand_in), type_name, message, text
 
 
-def loads_exception(data: bytes, type_name: str, message: str, text: str) -> BaseException:
+def loads_exception(
+    data: bytes | bytearray | memoryview, type_name: str, message: str, text: str
+) -> BaseException:
     """Client side: rebuild a remote exception; never raises, falls back to a stand-in."""
     if data:
         try:

@@ -73,7 +73,7 @@ def worker_info(worker_id: int | None) -> dict[str, Any]:
         "worker_id": worker_id,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "python": "%d.%d.%d" % sys.version_info[:3],
+        "python": "{}.{}.{}".format(*sys.version_info[:3]),
         "executable": sys.executable,
         "cloudpickle": cloudpickle.__version__,
         "tblib": tblib_version,
@@ -265,7 +265,6 @@ class Worker:
     def run_task(
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
     ) -> None:
-        fn: Any = None
         progress = self.progress
         if progress is not None:
             _PROGRESS.pack_into(progress, 0, task_id, attempt)

@@ -117,7 +117,7 @@ class LocalProcess:
         ).start()
 
     def close(self) -> None:
-        """Release the pidfd and the lifeline pipe (the worker exits when it sees the pipe close)."""
+        """Release the pidfd and the lifeline pipe (the worker exits when the pipe closes)."""
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
