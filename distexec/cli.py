@@ -1,7 +1,8 @@
 """The ``distexec`` command.
 
 ``distexec version``
-    Print the versions that must match between an executor and its workers.
+    Print the versions that matter between an executor and its workers (the Python minor
+    version, cloudpickle and distexec must match; tblib and the interpreter are informative).
 ``distexec worker HOST:PORT [--key-file FILE]``
     Run a worker that connects to the task manager at HOST:PORT. The key comes from the file
     given, or from the ``DISTEXEC_KEY`` environment variable (hexadecimal); never from the
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distexec`` console script."""
     parser = argparse.ArgumentParser(prog="distexec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("version", help="print the versions that must match between peers")
+    sub.add_parser("version", help="print the versions that matter between peers")
     worker = sub.add_parser("worker", help="run a worker that joins a running executor")
     worker.add_argument("address", metavar="HOST:PORT")
     worker.add_argument("--key-file", default=None,

@@ -12,8 +12,11 @@ so that code written for :mod:`concurrent.futures` keeps catching what it expect
      │    │    └── HandshakeError             a peer failed authentication or version checks
      │    ├── TaskPicklingError               (also pickle.PicklingError)
      │    └── TaskUnpicklingError             (also pickle.UnpicklingError)
-     └── concurrent.futures.BrokenExecutor
-          └── BrokenDistributedExecutor       (also DistexecError) the executor cannot run tasks
+     └── RuntimeError
+          └── concurrent.futures.BrokenExecutor
+               ├── concurrent.futures.process.BrokenProcessPool
+               │    └── WorkerLostError        (see above)
+               └── BrokenDistributedExecutor  (also DistexecError) the executor cannot run tasks
 
 *Closed* versus *broken*: an executor you shut down refuses new work with the standard
 ``RuntimeError('cannot schedule new futures after shutdown')``; an executor that something outside

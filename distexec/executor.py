@@ -86,8 +86,9 @@ class DistributedExecutor(Executor):
         max_message_size: largest message, in bytes, accepted from a worker.
 
     Raises:
-        ValueError: ``max_workers`` or ``max_tasks_per_child`` is not a positive integer.
-        TypeError: ``initializer`` is not callable.
+        ValueError: ``max_workers``, ``max_tasks_per_child`` or ``worker_start_timeout`` is not
+            positive.
+        TypeError: ``initializer`` is not callable, or ``max_tasks_per_child`` is not an int.
         TaskPicklingError: ``initializer`` or ``initargs`` cannot be pickled.
     """
 
@@ -226,9 +227,10 @@ class DistributedExecutor(Executor):
                 :class:`TimeoutError` if the next result is not ready.
             chunksize: number of items sent to a worker as one task. Large values cut the
                 per-item overhead for short calls.
-            buffersize: if given, at most this many chunks are submitted ahead of the results
-                consumed, so a huge or endless iterable is not read eagerly (the Python 3.14
-                behaviour, on every supported Python).
+            buffersize: if given, only this many chunks are submitted up front, and one more
+                each time a result is taken (so at most ``buffersize + 1`` are outstanding):
+                a huge or endless iterable is not read eagerly (the Python 3.14 behaviour, on
+                every supported Python).
 
         Raises:
             ValueError: ``chunksize`` < 1 or ``buffersize`` < 1.

@@ -20,8 +20,13 @@ pickling an argument, ``__setstate__`` while unpickling a result) runs behind
 
 Worker loss: a worker is lost when its connection closes or its process exits. The manager waits
 briefly for the other half of that news (the exit status, or the socket's end) so that the error
-it puts on the lost task names the exit code or signal, then fails the tasks the worker held with
-:class:`~distexec.errors.WorkerLostError` and starts a replacement.
+names the exit code or signal. The task the worker was running (a local worker publishes its id
+in shared memory; otherwise the oldest task it held) fails with
+:class:`~distexec.errors.WorkerLostError`; the other tasks it held had not started, or finished
+with their results still in the worker's outgoing batch, and go back to the front of the queue.
+A replacement worker is started. A worker that dies before it is ready (during start-up or in
+the initializer) counts as a failed start; ``START_FAILURE_LIMIT`` of those in a row break the
+executor rather than relaunching forever.
 """
 
 from __future__ import annotations
@@ -125,6 +130,14 @@ def force_cancel(future: Future[Any]) -> bool:
     return True
 
 
+def _cancel(task: Task) -> None:
+    """Cancel a queued task's future; one re-queued after a lost worker is already running."""
+    if task.attempt:
+        force_cancel(task.future)
+    else:
+        task.future.cancel()
+
+
 def _settle(future: Future[Any], ok: bool, value: Any) -> None:
     """Complete a future, tolerating one that was cancelled meanwhile."""
     try:
@@ -160,7 +173,7 @@ class _Slot:
     """The manager's handles on one worker: its connection, process and per-worker caches."""
 
     __slots__ = ("worker_id", "conn", "proc", "exit_deadline", "shutdown_sent", "known_fns",
-                 "disconnected", "exited", "fail_reason", "counted_start")
+                 "disconnected", "exited", "fail_reason", "disconnect_reason")
 
     def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
         self.worker_id = worker_id
@@ -171,8 +184,8 @@ class _Slot:
         self.known_fns: OrderedDict[int, None] = OrderedDict()
         self.disconnected = False
         self.exited = proc is None  # a worker we did not start has no process to wait for
-        self.fail_reason: str | None = None
-        self.counted_start = False
+        self.fail_reason: str | None = None  # why we refused or killed it, for start failures
+        self.disconnect_reason: str | None = None
 
 
 class Manager:
@@ -296,7 +309,7 @@ class Manager:
             self._closing = True
             if command[1]:
                 for task in self._sched.cancel_queued():
-                    task.future.cancel()
+                    _cancel(task)
         elif name == CMD_TERMINATE:
             self._terminate(command[1])
         else:  # pragma: no cover - programming error
@@ -796,7 +809,7 @@ class Manager:
         self._closing = True
         logger.info("terminating the executor: %s", reason)
         for task in self._sched.cancel_queued():
-            task.future.cancel()
+            _cancel(task)
         for record in list(self._sched.workers.values()):
             for task in list(record.assigned.values()):
                 self._sched.fail_task(task)
@@ -854,8 +867,8 @@ class Manager:
         if slot is None or slot.conn is not conn:
             return
         slot.disconnected = True
-        if slot.fail_reason is None and not slot.shutdown_sent:
-            slot.fail_reason = why
+        if slot.disconnect_reason is None and not slot.shutdown_sent:
+            slot.disconnect_reason = why
         if slot.exited:
             self._finalize(slot)
         else:
@@ -906,12 +919,16 @@ class Manager:
             self._close(slot.conn)
         clean = (slot.shutdown_sent and not record.assigned
                  and (exitcode is None or exitcode == 0 or self._terminating))
-        if record.state is WorkerState.LAUNCHING:
+        if record.state in (WorkerState.LAUNCHING, WorkerState.CONNECTED):
+            stage = ("before connecting" if record.state is WorkerState.LAUNCHING
+                     else "while starting up (in the initializer or before it)")
             record.transition(WorkerState.LOST)
             if not self._terminating and (self._sched.tasks or not self._closing):
-                reason = slot.fail_reason or (
-                    f"worker {slot.worker_id} (pid {record.pid}) exited before connecting: "
-                    f"{describe_exit(exitcode)}")
+                what = (describe_exit(exitcode) if slot.proc is not None
+                        else slot.disconnect_reason or "connection lost")
+                reason = (f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}"
+                          if slot.fail_reason is None or slot.proc is None
+                          else f"{slot.fail_reason} ({what})")
                 self._start_failed(reason)
         elif clean:
             if record.state is not WorkerState.GONE:
@@ -922,7 +939,7 @@ class Manager:
         else:
             held = self._sched.worker_lost(slot.worker_id)
             what = describe_exit(exitcode) if slot.proc is not None else (
-                slot.fail_reason or "connection lost")
+                slot.fail_reason or slot.disconnect_reason or "connection lost")
             culprit = self._running_task(slot, held)
             level = logging.WARNING if held or not self._closing else logging.INFO
             logger.log(level, "lost %s: %s%s", record.describe(), what,

@@ -15,11 +15,12 @@ step  direction  bytes (network byte order)
 1     M -> W     HELLO   ``"DXEC"`` u16 version, u16 flags (0), 32-byte nonce_m        (40 B)
 2     W -> M     AUTH    ``"DXEW"`` u16 version, u16 info_len, 32-byte mac_w, 32-byte nonce_w,
                          then ``info_len`` bytes of UTF-8 JSON describing the worker
-                         mac_w = HMAC(key, "distexec-worker" + nonce_m + nonce_w + info)
 3     M -> W     WELCOME ``"DXEM"`` u8 status, u8 0, u16 msg_len, 32-byte mac_m, then
                          ``msg_len`` bytes of UTF-8 JSON (worker id, or why it was refused)
-                         mac_m = HMAC(key, "distexec-manager" + nonce_w + nonce_m + u8 status + msg)
 ====  =========  =========================================================================
+
+with ``mac_w = HMAC(key, "distexec-worker" + nonce_m + nonce_w + info)`` and
+``mac_m = HMAC(key, "distexec-manager" + nonce_w + nonce_m + status byte + msg)``.
 
 The manager checks the protocol version and the magic before reading further, and the worker's
 info (Python minor version, cloudpickle and distexec versions) only after ``mac_w`` verified.
@@ -49,7 +50,7 @@ Message kinds
 ======  ===============  ===========  ====================================================
 code    name             direction    meta
 ======  ===============  ===========  ====================================================
-1       CONFIG           M -> W       (config dict,)   sys.path, initializer, limits
+1       CONFIG           M -> W       (config dict,)   worker id, sys.path, initializer
 2       TASKS            M -> W       (definitions, forget, items); see manager/worker
 3       SHUTDOWN         M -> W       ()   finish what you hold, then exit
 16      READY            W -> M       (pid,)   initializer done, send tasks

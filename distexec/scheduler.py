@@ -6,9 +6,10 @@ here. The task manager thread is the only caller; tests drive it directly.
 Task states::
 
     QUEUED ──► ASSIGNED ──► DONE
-      │  ▲        │  └────► FAILED
-      │  └────────┘ (worker lost: back to the front of the queue)
-      └──────────────────► CANCELLED / FAILED (could not be sent)
+      │  ▲        ├───────► FAILED (raised, could not be pickled, or its worker died running it)
+      │  └────────┤ (worker lost before it ran: back to the front of the queue)
+      │           └───────► CANCELLED (the executor was terminated)
+      └──────────────────► CANCELLED (future cancelled before dispatch) / FAILED (broken)
 
 ASSIGNED means "sent to a worker": the worker may be running it or holding it in its prefetch
 queue. Every assignment increments the task's ``attempt``; a result must quote the attempt it

@@ -89,8 +89,8 @@ class FunctionCache:
 
     Only plain functions are cached, keyed by identity: a bound method or a ``functools.partial``
     carries state that may change between submissions, so those are pickled with every task.
-    A cached function is captured as it was at its first submission (for a function pickled by
-    value, that includes the globals it reads).
+    A cached function is captured as it was when its first task was sent to a worker (for a
+    function pickled by value, that includes the globals it reads).
     """
 
     def __init__(self, capacity: int = 256) -> None:
@@ -164,11 +164,31 @@ def _pickle_exception(exc: BaseException) -> bytes:
 
     types_: set[type] = set()
     _exception_types(exc, set(), types_)
-    table: dict[type, Any] = {t: pickling_support.pickle_exception for t in types_}
+    table: dict[type, Any] = {t: _reduce_exception for t in types_}
     table[types.TracebackType] = partial(pickling_support.pickle_traceback, get_locals=None)
     buf = io.BytesIO()
     _ExceptionPickler(buf, table).dump(exc)
     return buf.getvalue()
+
+
+def _reduce_exception(exc: BaseException) -> Any:
+    """tblib's reducer, except for built-in types, which rebuild faithfully from their args.
+
+    (tblib treats any class with its own ``__init__`` but the default ``__reduce__`` as opaque
+    and restores only ``args``; built-ins such as SystemExit would lose ``code`` that way.)
+    """
+    from tblib import pickling_support
+
+    if type(exc).__module__ != "builtins":
+        return pickling_support.pickle_exception(exc)
+    reduced: Any = exc.__reduce__()
+    func, args, *rest = reduced
+    return (
+        pickling_support.unpickle_exception,
+        (func, args, exc.__cause__, exc.__traceback__, exc.__context__,
+         exc.__suppress_context__, getattr(exc, "__notes__", None)),
+        *rest,
+    )
 
 
 def add_note(exc: BaseException, note: str) -> None:

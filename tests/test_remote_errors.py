@@ -130,8 +130,9 @@ def test_exception_that_cannot_be_unpickled_here(executor, monkeypatch):
 
 
 def test_system_exit_in_task_is_returned_not_fatal(executor):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         executor.submit(raise_system_exit).result()
+    assert info.value.code == 3
     assert executor.submit(pow, 2, 3).result() == 8
 
 
@@ -174,3 +175,13 @@ def test_error_in_map_chunk(executor):
     assert list(next(results) for _ in range(2)) == [2, 5]
     with pytest.raises(ZeroDivisionError):
         next(results)
+
+
+def raise_oserror():
+    open("/nonexistent/distexec/file")
+
+
+def test_builtin_exception_attributes_survive(executor):
+    with pytest.raises(FileNotFoundError) as info:
+        executor.submit(raise_oserror).result()
+    assert info.value.errno == 2 and info.value.filename == "/nonexistent/distexec/file"

@@ -8,7 +8,9 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from distexec import BrokenDistributedExecutor, DistributedExecutor, WorkerLostError
-from helpers import exit_now, getpid, kill_self, segfault, square
+import concurrent.futures as cf
+
+from helpers import Gate, exit_now, getpid, kill_self, segfault, square, wait_gate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,4 +82,29 @@ def test_missing_interpreter_breaks_the_executor(tmp_path):
     ex = DistributedExecutor(max_workers=1, python=str(tmp_path / "no-such-python"))
     with pytest.raises(BrokenDistributedExecutor, match="could not be started"):
         ex.submit(square, 2).result()
+    ex.shutdown()
+
+
+def test_initializer_that_kills_its_worker_breaks_the_executor():
+    ex = DistributedExecutor(max_workers=2, initializer=exit_now, initargs=(5,))
+    with pytest.raises(BrokenDistributedExecutor) as info:
+        ex.submit(square, 2).result()
+    assert "while starting up" in str(info.value) and "exit code 5" in str(info.value)
+    ex.shutdown()
+
+
+def test_cancel_futures_after_a_crash_cancels_requeued_tasks():
+    # Tasks re-queued after a crash already have running futures: they must still end.
+    ex = DistributedExecutor(max_workers=1)
+    assert list(ex.map(square, range(200))) == [x * x for x in range(200)]  # short tasks: batching
+    with Gate() as gate:
+        futures = [ex.submit(exit_now, 9)] + [ex.submit(wait_gate, gate.address) for _ in range(20)]
+        with pytest.raises(WorkerLostError):
+            futures[0].result()
+        gate.wait_arrivals(1)
+        ex.shutdown(wait=False, cancel_futures=True)
+        gate.open()
+        cf.wait(futures, timeout=30)
+    assert all(f.done() for f in futures)
+    assert any(f.cancelled() for f in futures[2:])
     ex.shutdown()
