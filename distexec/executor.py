@@ -312,6 +312,13 @@ class DistributedExecutor(Executor):
         return None
 
 
+def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+
+
 def _map_results(
     futures: deque[Future[Any]],
     refill: Iterator[Any] | None,
@@ -329,19 +336,16 @@ def _map_results(
                     if item is not None:
                         futures.append(submit_one(executor, item))
                     del executor
-            future = futures.popleft()
-            try:
-                if end_time is None:
-                    result = future.result()
-                else:
-                    result = future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()
-            del future
+            # Neither the future nor the value may stay referenced by this frame while it is
+            # suspended at a yield: the caller must be able to free a result it dropped.
+            timeout = None if end_time is None else end_time - time.monotonic()
             if chunked:
-                yield from result
+                chunk = _result_or_cancel(futures.popleft(), timeout)
+                chunk.reverse()
+                while chunk:
+                    yield chunk.pop()
             else:
-                yield result
+                yield _result_or_cancel(futures.popleft(), timeout)
     finally:
         for future in futures:
             future.cancel()

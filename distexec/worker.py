@@ -9,6 +9,9 @@ Threads:
     per batch, not per task). It reads the socket itself, with no hand-off between threads, which
     keeps the round trip short. When the connection closes, the manager is gone and the worker
     exits.
+  * ``distexec-flusher`` sends results that have waited ``FLUSH_MAX_DELAY`` in the outgoing
+    batch while a longer task runs (armed only when results are held back, so the round trip of
+    a lone task never involves it).
   * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
     when the process that started the worker dies, even by SIGKILL; the worker then exits.
 
@@ -147,7 +150,10 @@ class Worker:
         self.pid = os.getpid()
         self.decoder = protocol.FrameDecoder()
         self.frames: deque[protocol.Frame] = deque()
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.RLock()  # taken before out_cond when both are needed
+        # Guards the outbox; the flusher thread waits on it (see flusher()).
+        self.out_cond = threading.Condition(threading.Lock())
+        self.flusher_armed = False
         self.closing = False
         self.fns: dict[int, Any] = {}  # fn_id -> callable, or bytes until first use
         self.once: set[int] = set()  # fn_ids to forget after their task ran
@@ -187,13 +193,51 @@ class Worker:
         return self.frames.popleft()
 
     def flush(self) -> None:
-        box = self.outbox
-        if box.items:
+        # send_lock first, so that batches leave in the order they were taken.
+        with self.send_lock:
+            with self.out_cond:
+                box = self.outbox
+                if not box.items:
+                    return
+                self.outbox = _Outbox()
+                self.flusher_armed = False
             self.send(protocol.RESULTS, (box.items,), box.buffers)
-            self.outbox = _Outbox()
+
+    def add_result(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
+        with self.out_cond:
+            self.outbox.add(item, buffers, nbytes)
+
+    def before_task(self) -> None:
+        """Results are about to wait while another task runs: make sure they are not held
+        longer than FLUSH_MAX_DELAY, whatever that task's duration (wakes the flusher)."""
+        if self.outbox.items and not self.flusher_armed:
+            with self.out_cond:
+                self.flusher_armed = True
+                self.out_cond.notify()
+
+    def flusher(self) -> None:
+        """Flusher thread: send results that have waited FLUSH_MAX_DELAY behind a longer task."""
+        cond = self.out_cond
+        with cond:
+            while not self.closing:
+                if not self.flusher_armed or not self.outbox.items:
+                    cond.wait()
+                    continue
+                remaining = self.outbox.since + FLUSH_MAX_DELAY - time.monotonic()
+                if remaining > 0:
+                    cond.wait(remaining)
+                    continue
+                cond.release()
+                try:
+                    self.flush()
+                except OSError:
+                    return
+                finally:
+                    cond.acquire()
 
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> int:
+        threading.Thread(target=self.flusher, name="distexec-flusher", daemon=True).start()
         frame = self.next_frame()
         if frame.kind != protocol.CONFIG:
             raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
@@ -228,7 +272,9 @@ class Worker:
         return f"worker {self.worker_id} (host {self.host}, pid {self.pid})"
 
     def close(self) -> None:
-        self.closing = True
+        with self.out_cond:
+            self.closing = True
+            self.out_cond.notify()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -255,6 +301,8 @@ class Worker:
                 payload = inline
             oob = buffers[cursor:cursor + nbufs]
             cursor += nbufs
+            if self.outbox.items:
+                self.before_task()
             self.run_task(task_id, attempt, fn_id, kind, payload, oob)
             if fn_id in self.once:
                 self.once.discard(fn_id)
@@ -317,14 +365,14 @@ class Worker:
             self.report_error(task_id, attempt, err, duration, None)
             return
         inline, bufs, size = _pack(data, bufs)
-        self.outbox.add((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
+        self.add_result((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
 
     def report_error(
         self, task_id: int, attempt: int, exc: BaseException, duration: float, note: str | None
     ) -> None:
         data, type_name, message, text = serialization.dumps_exception(exc, note)
         inline, bufs, size = _pack(data, [])
-        self.outbox.add(
+        self.add_result(
             (task_id, attempt, False, inline, len(bufs), duration, (type_name, message, text)),
             bufs, size + len(text),
         )

@@ -276,3 +276,36 @@ def test_public_names():
         assert getattr(distexec, name) is not None
     assert issubclass(distexec.TaskPicklingError, pickle.PicklingError)
     assert issubclass(distexec.BrokenDistributedExecutor, cf.BrokenExecutor)
+
+
+class _Obj:
+    pass
+
+
+def _make_obj(_):
+    return _Obj()
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_does_not_keep_yielded_results_alive(executor, chunksize):
+    import gc
+    import weakref
+
+    for obj in executor.map(_make_obj, range(4), chunksize=chunksize):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None
+
+
+def test_quick_result_not_held_behind_a_long_task():
+    # Short tasks get batched; a finished one must not wait for a long one sent with it.
+    with DistributedExecutor(max_workers=1) as ex, Gate() as gate:
+        for _ in range(50):
+            ex.submit(int).result()  # the worker now counts tasks as short and batches them
+        quick = ex.submit(square, 5)
+        slow = ex.submit(wait_gate, gate.address)
+        assert quick.result(timeout=20) == 25  # returned while slow still blocks
+        assert not slow.done()
+        gate.open()
+        assert slow.result() is None
