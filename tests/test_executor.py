@@ -309,3 +309,22 @@ def test_quick_result_not_held_behind_a_long_task():
         assert not slow.done()
         gate.open()
         assert slow.result() is None
+
+
+class _CountsPickling:
+    pickled = 0
+
+    def __reduce__(self):
+        type(self).pickled += 1
+        return (_CountsPickling, ())
+
+
+def test_function_is_pickled_once_not_per_task(executor):
+    marker = _CountsPickling()
+
+    def task(x):
+        return (marker is not None) and x  # closes over marker: pickling fn pickles marker
+
+    assert list(executor.map(task, range(300))) == list(range(300))
+    assert executor.submit(task, 5).result() == 5
+    assert _CountsPickling.pickled == 1
