@@ -42,7 +42,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from dataclasses import dataclass
 from functools import partial
@@ -153,7 +153,7 @@ class _Conn:
     """One socket to a worker (or to something pretending to be one)."""
 
     __slots__ = ("sock", "peer", "open", "hs_buf", "nonce_m", "decoder", "out", "worker_id",
-                 "want_write", "deadline_seq", "close_after_flush")
+                 "want_write", "close_after_flush")
 
     def __init__(self, sock: socket.socket, peer: str, max_message_size: int) -> None:
         self.sock = sock
@@ -165,24 +165,21 @@ class _Conn:
         self.out = protocol.OutQueue()
         self.worker_id: int | None = None
         self.want_write = False
-        self.deadline_seq = -1
         self.close_after_flush = False
 
 
 class _Slot:
     """The manager's handles on one worker: its connection, process and per-worker caches."""
 
-    __slots__ = ("worker_id", "conn", "proc", "exit_deadline", "shutdown_sent", "known_fns",
-                 "disconnected", "exited", "fail_reason", "disconnect_reason")
+    __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
+                 "fail_reason", "disconnect_reason")
 
     def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
         self.worker_id = worker_id
         self.conn: _Conn | None = None
         self.proc = proc
-        self.exit_deadline: float | None = None
         self.shutdown_sent = False
         self.known_fns: OrderedDict[int, None] = OrderedDict()
-        self.disconnected = False
         self.exited = proc is None  # a worker we did not start has no process to wait for
         self.fail_reason: str | None = None  # why we refused or killed it, for start failures
         self.disconnect_reason: str | None = None
@@ -223,7 +220,6 @@ class Manager:
         self._terminating = False  # stop now
         self._start_failures = 0
         self._last_start_failure = ""
-        self._ever_ready = False
         self._exit_events: deque[LocalProcess] = deque()  # from reaper threads (no pidfd)
         self.executor_ref: Any = None  # weakref to the executor, set by it
 
@@ -594,11 +590,10 @@ class Manager:
             if record.state is WorkerState.CONNECTED:
                 self._sched.worker_ready(worker_id)
                 self._start_failures = 0
-                self._ever_ready = True
                 logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
         elif frame.kind == protocol.INIT_FAILED:
             data, type_name, message, text = frame.meta[0]
-            exc = serialization.loads_exception(bytes(data), type_name, message, text)
+            exc = serialization.loads_exception(data, type_name, message, text)
             record = self._sched.workers[worker_id]
             self._break(BrokenDistributedExecutor(
                 f"the initializer failed on {record.describe()}: {type_name}: {message}. "
@@ -866,7 +861,6 @@ class Manager:
         slot = self._slots.get(worker_id) if worker_id is not None else None
         if slot is None or slot.conn is not conn:
             return
-        slot.disconnected = True
         if slot.disconnect_reason is None and not slot.shutdown_sent:
             slot.disconnect_reason = why
         if slot.exited:
@@ -875,8 +869,7 @@ class Manager:
             assert slot.proc is not None
             # The exit status usually follows within milliseconds; give it a moment so the
             # error can name it, then stop waiting.
-            slot.exit_deadline = time.monotonic() + EXIT_GRACE
-            self._at(slot.exit_deadline, partial(self._exit_overdue, slot))
+            self._at(time.monotonic() + EXIT_GRACE, partial(self._exit_overdue, slot))
 
     def _exit_overdue(self, slot: _Slot) -> None:
         if self._slots.get(slot.worker_id) is slot and not slot.exited and slot.proc is not None:
@@ -926,9 +919,9 @@ class Manager:
             if not self._terminating and (self._sched.tasks or not self._closing):
                 what = (describe_exit(exitcode) if slot.proc is not None
                         else slot.disconnect_reason or "connection lost")
-                reason = (f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}"
-                          if slot.fail_reason is None or slot.proc is None
-                          else f"{slot.fail_reason} ({what})")
+                # fail_reason (timed out, wrong versions) is only ever set for local workers.
+                reason = (f"{slot.fail_reason} ({what})" if slot.fail_reason else
+                          f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}")
                 self._start_failed(reason)
         elif clean:
             if record.state is not WorkerState.GONE:
@@ -1042,5 +1035,5 @@ def _python_exit() -> None:
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
 
 
-__all__ = ["CancelledError", "Manager", "ManagerConfig", "SharedState", "TaskState", "WorkerRecord",
+__all__ = ["Manager", "ManagerConfig", "SharedState", "TaskState", "WorkerRecord",
            "force_cancel"]

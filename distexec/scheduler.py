@@ -226,10 +226,6 @@ class Scheduler:
         else:
             self.cancelled += 1
 
-    def fail_unsent(self, task: Task) -> None:
-        """A task that could not even be sent (e.g. unpicklable): it is over."""
-        self._finish(task, TaskState.FAILED)
-
     def cancel_queued(self) -> list[Task]:
         """Take every queued task out (shutdown with cancel_futures); caller cancels futures."""
         out = list(self.queue)

@@ -210,7 +210,7 @@ class Worker:
     def before_task(self) -> None:
         """Results are about to wait while another task runs: make sure they are not held
         longer than FLUSH_MAX_DELAY, whatever that task's duration (wakes the flusher)."""
-        if self.outbox.items and not self.flusher_armed:
+        if not self.flusher_armed:
             with self.out_cond:
                 self.flusher_armed = True
                 self.out_cond.notify()

@@ -187,9 +187,8 @@ def test_cpython_concurrent_futures_suite(version, tmp_path):
 
     # The workers are the runner's children in another session: the conftest leak check cannot
     # see them. Give them a moment to exit on their own, then kill what is left.
-    deadline = time.monotonic() + LEFTOVER_GRACE
-    while _session_processes(sid) and time.monotonic() < deadline and not timed_out:
-        time.sleep(0.2)
+    if not timed_out:
+        psutil.wait_procs(_session_processes(sid), timeout=LEFTOVER_GRACE)
     leftovers = _kill_session(sid)
 
     sys.stdout.write(out)  # shown by pytest on failure: every test's outcome, the exclusions
