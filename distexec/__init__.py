@@ -13,25 +13,31 @@ from .errors import (
     BrokenDistributedExecutor,
     DistexecError,
     HandshakeError,
+    LostAttempt,
     ProtocolError,
     RemoteError,
     TaskPicklingError,
+    TaskTimeoutError,
     TaskUnpicklingError,
     WorkerLostError,
 )
 
 if TYPE_CHECKING:
-    from .executor import DistributedExecutor
+    from .executor import DistributedExecutor, TaskOptions, WorkerInfo
 
 __all__ = [
     "BrokenDistributedExecutor",
     "DistexecError",
     "DistributedExecutor",
     "HandshakeError",
+    "LostAttempt",
     "ProtocolError",
     "RemoteError",
+    "TaskOptions",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
+    "WorkerInfo",
     "WorkerLostError",
     "__version__",
 ]
@@ -39,14 +45,18 @@ __all__ = [
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
-def __getattr__(name: str) -> Any:
-    if name == "DistributedExecutor":
-        from .executor import DistributedExecutor
+_LAZY = ("DistributedExecutor", "TaskOptions", "WorkerInfo")
 
-        globals()["DistributedExecutor"] = DistributedExecutor
-        return DistributedExecutor
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import executor
+
+        value = getattr(executor, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'distexec' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"DistributedExecutor"})
+    return sorted(set(globals()) | set(_LAZY))

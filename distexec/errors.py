@@ -5,8 +5,10 @@ so that code written for :mod:`concurrent.futures` keeps catching what it expect
 
     Exception
      ├── DistexecError                        root of everything distexec defines
-     │    ├── WorkerLostError                 a task's worker died or vanished while holding it
-     │    │                                   (also concurrent.futures.process.BrokenProcessPool)
+     │    ├── WorkerLostError                 a task's workers kept dying or vanishing while
+     │    │                                   running it (also concurrent.futures.process.
+     │    │                                   BrokenProcessPool)
+     │    ├── TaskTimeoutError                a task ran past its time limit (also TimeoutError)
      │    ├── RemoteError                     stand-in for a remote exception that could not travel
      │    ├── ProtocolError                   bad bytes on a distexec connection
      │    │    └── HandshakeError             a peer failed authentication or version checks
@@ -23,10 +25,12 @@ so that code written for :mod:`concurrent.futures` keeps catching what it expect
 your control made unusable (an initializer that raised, workers that cannot start, an internal
 error) raises :class:`BrokenDistributedExecutor`, whose ``__cause__`` says why.
 
-A worker that dies while running a task fails only that task's future, with
-:class:`WorkerLostError`; the executor replaces the worker and carries on. ``WorkerLostError`` is
-also a :class:`~concurrent.futures.process.BrokenProcessPool`, so code written for
-ProcessPoolExecutor that catches that error keeps working; unlike there, the executor stays usable.
+A worker that dies while running a task costs that task a retry: it runs again on another
+worker. Only a task whose workers are lost more than ``max_retries`` times fails, with
+:class:`WorkerLostError` listing every attempt; the executor replaces the workers and carries on.
+``WorkerLostError`` is also a :class:`~concurrent.futures.process.BrokenProcessPool`, so code
+written for ProcessPoolExecutor that catches that error keeps working; unlike there, the
+executor stays usable.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ from __future__ import annotations
 import pickle
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 __all__ = [
     "BrokenDistributedExecutor",
     "DistexecError",
     "HandshakeError",
+    "LostAttempt",
     "ProtocolError",
     "RemoteError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerLostError",
 ]
@@ -60,14 +67,46 @@ class BrokenDistributedExecutor(BrokenExecutor, DistexecError):
     """
 
 
-class WorkerLostError(DistexecError, BrokenProcessPool):
-    """The worker running a task died or disconnected before returning a result.
+class LostAttempt(NamedTuple):
+    """One attempt at running a task that ended with its worker lost.
 
     Attributes:
+        attempt: the attempt number (1 for the first run).
         worker_id: the executor's number for the worker.
         host: the host the worker ran on.
         pid: the worker's process id on that host, if known.
-        exitcode: the process exit code, or ``-N`` when signal ``N`` killed it; ``None`` if unknown.
+        exitcode: the process exit code, ``-N`` when signal ``N`` killed it, ``None`` if unknown
+            (a worker started by hand, or one that vanished with its connection). A local
+            worker declared lost for missing its heartbeats is killed, so it reports ``-9``.
+        reason: what happened, in words, with a hint where there is one.
+    """
+
+    attempt: int
+    worker_id: int
+    host: str
+    pid: int | None
+    exitcode: int | None
+    reason: str
+
+    def describe(self) -> str:
+        pid = f"pid {self.pid}" if self.pid is not None else "pid unknown"
+        return f"attempt {self.attempt} on worker {self.worker_id} ({pid} on {self.host}): " \
+               f"{self.reason}"
+
+
+class WorkerLostError(DistexecError, BrokenProcessPool):
+    """A task's worker died or vanished while running it, more often than the task may retry.
+
+    The message lists every attempt. The attributes describe the last one; :attr:`attempts` has
+    them all.
+
+    Attributes:
+        worker_id: the executor's number for the last worker.
+        host: the host the last worker ran on.
+        pid: the last worker's process id on that host, if known.
+        exitcode: the last worker's exit code, or ``-N`` when signal ``N`` killed it; ``None`` if
+            unknown.
+        attempts: every lost attempt, oldest first (:class:`LostAttempt`).
     """
 
     def __init__(
@@ -78,24 +117,37 @@ class WorkerLostError(DistexecError, BrokenProcessPool):
         host: str | None = None,
         pid: int | None = None,
         exitcode: int | None = None,
+        attempts: tuple[LostAttempt, ...] = (),
     ) -> None:
         super().__init__(message)
         self.worker_id = worker_id
         self.host = host
         self.pid = pid
         self.exitcode = exitcode
+        self.attempts = tuple(attempts)
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_worker_lost,
-            (self.args[0], self.worker_id, self.host, self.pid, self.exitcode),
+            (self.args[0], self.worker_id, self.host, self.pid, self.exitcode,
+             tuple(tuple(a) for a in self.attempts)),
         )
 
 
 def _rebuild_worker_lost(
-    message: str, worker_id: int | None, host: str | None, pid: int | None, exitcode: int | None
+    message: str, worker_id: int | None, host: str | None, pid: int | None, exitcode: int | None,
+    attempts: tuple[tuple[object, ...], ...] = (),
 ) -> WorkerLostError:
-    return WorkerLostError(message, worker_id=worker_id, host=host, pid=pid, exitcode=exitcode)
+    return WorkerLostError(message, worker_id=worker_id, host=host, pid=pid, exitcode=exitcode,
+                           attempts=tuple(LostAttempt(*a) for a in attempts))  # type: ignore[arg-type]
+
+
+class TaskTimeoutError(DistexecError, TimeoutError):
+    """A task ran longer than its ``time_limit``; its worker was stopped and replaced.
+
+    The message names the task, the worker and, when the worker reported it, the line the task
+    was executing when the limit expired. A timed-out task is not retried.
+    """
 
 
 class RemoteError(DistexecError):

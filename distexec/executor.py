@@ -7,20 +7,25 @@ task manager thread (:mod:`distexec.manager`) does everything else.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
+import socket
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
-
 
 from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError
 from .manager import (
+    CMD_ABORT,
+    CMD_QUERY,
+    CMD_RESIZE,
     CMD_SHUTDOWN,
     CMD_TERMINATE,
     Manager,
@@ -30,7 +35,17 @@ from .manager import (
 )
 from .scheduler import Task, TaskKind
 
-__all__ = ["DistributedExecutor"]
+__all__ = ["DistributedExecutor", "TaskOptions", "WorkerInfo"]
+
+KEY_ENV = "DISTEXEC_KEY"
+# Shortest key accepted from the user (bytes): 128 bits.
+MIN_KEY_BYTES = 16
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unchanged>"
+
+
+_UNSET: Any = _Unset()
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,6 +64,89 @@ def _default_workers() -> int:
     return n or 1
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A snapshot of one worker, as returned by :meth:`DistributedExecutor.workers`.
+
+    Attributes:
+        worker_id: the executor's number for the worker (never reused).
+        host: the host name the worker reported.
+        pid: its process id on that host.
+        state: ``"launching"``, ``"connected"`` (running the initializer), ``"idle"``,
+            ``"busy"`` or ``"draining"`` (leaving after the tasks it holds).
+        local: True if this executor started it, False if it joined by hand.
+        held: ids of the tasks sent to it and not finished (running or prefetched).
+        running: id of the task it is running, if known.
+        tasks_done: tasks it has finished.
+        last_heartbeat_age: seconds since anything was heard from it.
+    """
+
+    worker_id: int
+    host: str
+    pid: int | None
+    state: str
+    local: bool
+    held: tuple[int, ...]
+    running: int | None
+    tasks_done: int
+    last_heartbeat_age: float | None
+
+
+def _check_time_limit(time_limit: float | None) -> float | None:
+    if time_limit is None:
+        return None
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)):
+        raise TypeError("time_limit must be a number of seconds or None")
+    if not time_limit > 0:
+        raise ValueError("time_limit must be positive")
+    return float(time_limit)
+
+
+def _check_max_retries(max_retries: int | None) -> int | None:
+    if max_retries is None:
+        return None
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise TypeError("max_retries must be an integer")
+    if max_retries < 0:
+        raise ValueError("max_retries must be >= 0")
+    return max_retries
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen must be 'HOST:PORT' (port 0 picks a free one), got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except (OSError, ValueError):
+            return False
+
+
+def _parse_key(key: bytes | str) -> bytes:
+    if isinstance(key, str):
+        try:
+            raw = bytes.fromhex(key.strip())
+        except ValueError:
+            raise ValueError("key must be bytes, or a hexadecimal string") from None
+    elif isinstance(key, (bytes, bytearray)):
+        raw = bytes(key)
+    else:
+        raise TypeError("key must be bytes, a hexadecimal string or None")
+    if len(raw) < MIN_KEY_BYTES:
+        raise ValueError(f"key is too short ({len(raw)} bytes): use at least {MIN_KEY_BYTES} "
+                         "random bytes, e.g. from 'distexec keygen FILE'")
+    return raw
+
+
 def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
     while True:
         chunk = list(itertools.islice(iterable, n))
@@ -64,15 +162,21 @@ class DistributedExecutor(Executor):
     and ``shutdown``, real :class:`~concurrent.futures.Future` objects, and the same errors for
     misuse. In addition, functions travel with cloudpickle (lambdas, closures and functions
     defined in ``__main__`` or a notebook work), a remote exception is re-raised with its remote
-    traceback, and a worker that dies fails only the task it was running and is replaced.
+    traceback, and a worker that dies costs the task it was running a retry on another worker,
+    not the run; the dead worker is replaced.
 
     Workers are fresh interpreters (``python -m distexec.worker``), started when the first task
-    is submitted, that connect back to a task manager thread in this process over an
-    authenticated TCP connection on the loopback interface.
+    is submitted (or at :meth:`start`), that connect back to a task manager thread in this
+    process over an authenticated TCP connection, on the loopback interface unless ``listen``
+    says otherwise. More workers can join by hand (``distexec worker HOST:PORT``) while it runs.
+
+    A worker that dies, disconnects or stops sending heartbeats is replaced, and the tasks it
+    held run again elsewhere; see :doc:`/failures` for exactly what is retried.
 
     Args:
-        max_workers: number of worker processes; defaults to the number of CPUs this process
-            may use.
+        max_workers: number of local worker processes; defaults to the number of CPUs this
+            process may use. 0 is allowed together with ``listen``: the executor then waits for
+            workers that join by hand.
         initializer: called with ``initargs`` in each worker before it runs any task. If it
             raises, the executor becomes broken and every pending future fails with
             :class:`~distexec.BrokenDistributedExecutor`.
@@ -84,11 +188,27 @@ class DistributedExecutor(Executor):
         worker_start_timeout: seconds a worker may take to start and connect before it is
             considered failed.
         max_message_size: largest message, in bytes, accepted from a worker.
+        max_retries: how many times a task may be re-run because the worker running it was
+            lost; one more loss fails it with :class:`~distexec.WorkerLostError` listing every
+            attempt. Tasks a lost worker held but had not started are always re-run.
+        time_limit: default per-task time limit in seconds (None: no limit). A task still
+            running that many seconds after it was sent to its worker is stopped, the worker
+            is replaced, and the future fails with :class:`~distexec.TaskTimeoutError` (the
+            task is not retried). See also :meth:`options`.
+        heartbeat_timeout: seconds of silence after which a worker is declared lost (frozen,
+            or its host unreachable); None disables the check (exits and disconnections are
+            still detected). A task that holds the GIL does not silence its worker.
+        listen: ``"HOST:PORT"`` for the task manager to listen on; default: a free port on
+            127.0.0.1. Listening on another interface requires ``key``.
+        key: the secret workers must prove they hold, as bytes or hexadecimal (at least 16
+            bytes). Default: the ``DISTEXEC_KEY`` environment variable if set, else a random
+            key (see :attr:`key`).
 
     Raises:
-        ValueError: ``max_workers``, ``max_tasks_per_child`` or ``worker_start_timeout`` is not
-            positive.
-        TypeError: ``initializer`` is not callable, or ``max_tasks_per_child`` is not an int.
+        ValueError: ``max_workers``, ``max_tasks_per_child``, ``worker_start_timeout``,
+            ``time_limit`` or ``heartbeat_timeout`` is not positive, ``max_retries`` is
+            negative, ``listen`` is malformed, or a non-loopback ``listen`` has no ``key``.
+        TypeError: ``initializer`` is not callable, or an integer option is not an int.
         TaskPicklingError: ``initializer`` or ``initargs`` cannot be pickled.
     """
 
@@ -102,11 +222,17 @@ class DistributedExecutor(Executor):
         python: str | None = None,
         worker_start_timeout: float = 60.0,
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
+        max_retries: int = 3,
+        time_limit: float | None = None,
+        heartbeat_timeout: float | None = 30.0,
+        listen: str | None = None,
+        key: bytes | str | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = _default_workers()
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        elif max_workers <= 0 and not (max_workers == 0 and listen is not None):
+            raise ValueError("max_workers must be greater than 0 (0 is allowed with listen=..., "
+                             "for an executor that waits for workers started by hand)")
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
@@ -125,6 +251,22 @@ class DistributedExecutor(Executor):
                 ) from exc
         if worker_start_timeout <= 0:
             raise ValueError("worker_start_timeout must be positive")
+        retries = _check_max_retries(max_retries)
+        if retries is None:
+            raise TypeError("max_retries must be an integer")
+        self._time_limit = _check_time_limit(time_limit)
+        if heartbeat_timeout is not None and not heartbeat_timeout > 0:
+            raise ValueError("heartbeat_timeout must be positive, or None to disable it")
+        host, port = "127.0.0.1", 0
+        if listen is not None:
+            host, port = _parse_listen(listen)
+        if key is None and os.environ.get(KEY_ENV):
+            key = os.environ[KEY_ENV]
+        raw_key = _parse_key(key) if key is not None else None
+        if raw_key is None and not _is_loopback(host):
+            raise ValueError(
+                f"listening on {host} (not a loopback address) requires a key that the workers "
+                f"share: pass key=... or set {KEY_ENV} (for example from 'distexec keygen FILE')")
         self._max_workers = max_workers
         self._config = ManagerConfig(
             max_workers=max_workers,
@@ -133,21 +275,37 @@ class DistributedExecutor(Executor):
             python=python,
             worker_start_timeout=worker_start_timeout,
             max_message_size=max_message_size,
+            listen_host=host,
+            listen_port=port,
+            key=raw_key or protocol.new_key(),
+            heartbeat_timeout=heartbeat_timeout,
+            max_retries=retries,
         )
         self._shared = SharedState()
         self._manager: Manager | None = None
-        self._start_lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     @property
     def max_workers(self) -> int:
-        """The number of worker processes this executor keeps running."""
+        """The number of local worker processes this executor keeps running (see
+        :meth:`resize`)."""
         return self._max_workers
 
     @property
     def address(self) -> str | None:
-        """``HOST:PORT`` the task manager listens on, or None before the first submit."""
+        """``HOST:PORT`` the task manager listens on, or None before it started (first
+        submit or :meth:`start`). Workers started by hand connect here."""
         return self._manager.address if self._manager is not None else None
+
+    @property
+    def key(self) -> bytes:
+        """The secret a worker must prove it holds to join (keep it secret).
+
+        Give it to workers started by hand as hexadecimal (``ex.key.hex()``), in the
+        ``DISTEXEC_KEY`` environment variable or a file passed with ``--key-file``.
+        """
+        assert self._config.key is not None
+        return self._config.key
 
     @property
     def _broken(self) -> bool | str:
@@ -158,7 +316,11 @@ class DistributedExecutor(Executor):
     # ------------------------------------------------------------------ submitting
     def _start(self) -> Manager:
         # Called with the shared lock held, on first use.
-        manager = Manager(self._config, self._shared)
+        try:
+            manager = Manager(self._config, self._shared)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self._config.listen_host}:"
+                                     f"{self._config.listen_port}: {exc.strerror}") from exc
         shared = self._shared
 
         def executor_collected(_: object, manager: Manager = manager) -> None:
@@ -174,6 +336,22 @@ class DistributedExecutor(Executor):
         self._manager = manager
         return manager
 
+    def start(self) -> DistributedExecutor:
+        """Start the task manager and the local workers now rather than at the first submit.
+
+        Useful when workers are to join by hand (they need :attr:`address`), or to pay the
+        start-up cost up front. Calling it again does nothing. Returns the executor.
+
+        Raises:
+            RuntimeError: the executor was shut down.
+            OSError: the ``listen`` address cannot be bound.
+        """
+        with self._shared.lock:
+            self._check()
+            if self._manager is None:
+                self._start()
+        return self
+
     def _check(self) -> None:
         broken = self._shared.broken
         if broken is not None:
@@ -184,9 +362,11 @@ class DistributedExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _submit(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any] | None,
-                kind: TaskKind) -> Future[Any]:
+                kind: TaskKind, time_limit: float | None = None,
+                max_retries: int | None = None) -> Future[Any]:
         future: Future[Any] = Future()
-        task = Task(next(_task_ids), future, fn, args, kwargs, kind)
+        task = Task(next(_task_ids), future, fn, args, kwargs, kind, time_limit, max_retries)
+        future._distexec_task_id = task.id  # type: ignore[attr-defined]  # for abort()
         shared = self._shared
         with shared.lock:
             self._check()
@@ -200,7 +380,8 @@ class DistributedExecutor(Executor):
 
         ``fn`` and the arguments are pickled when the task is sent to a worker. If that fails,
         or if the result cannot be pickled, the future fails with
-        :class:`~distexec.TaskPicklingError`; the executor is unaffected.
+        :class:`~distexec.TaskPicklingError`; the executor is unaffected. To give this one task
+        a time limit or its own ``max_retries``, use :meth:`options`.
 
         Raises:
             RuntimeError: the executor was shut down.
@@ -208,7 +389,7 @@ class DistributedExecutor(Executor):
         """
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
-        return self._submit(fn, args, kwargs or None, TaskKind.CALL)
+        return self._submit(fn, args, kwargs or None, TaskKind.CALL, self._time_limit)
 
     def map(
         self,
@@ -239,6 +420,18 @@ class DistributedExecutor(Executor):
         An exception raised by ``fn`` is raised by ``__next__`` when its result is reached;
         remaining work is cancelled when the iterator is closed or garbage-collected.
         """
+        return self._map(fn, iterables, timeout, chunksize, buffersize, self._time_limit, None)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        buffersize: int | None,
+        time_limit: float | None,
+        max_retries: int | None,
+    ) -> Iterator[T]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
@@ -255,9 +448,7 @@ class DistributedExecutor(Executor):
             kind = TaskKind.CALL
 
         def submit_one(ex: DistributedExecutor, item: Any) -> Future[Any]:
-            if kind is TaskKind.CALL:
-                return ex._submit(fn, item, None, kind)
-            return ex._submit(fn, item, None, kind)
+            return ex._submit(fn, item, None, kind, time_limit, max_retries)
 
         if buffersize is None:
             futures = deque(submit_one(self, item) for item in work)
@@ -268,12 +459,133 @@ class DistributedExecutor(Executor):
         return _map_results(futures, work if buffersize else None, executor_ref, submit_one,
                             end_time, chunksize > 1)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def options(
+        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET
+    ) -> TaskOptions:
+        """Return a view of this executor whose ``submit`` and ``map`` use other task options.
+
+        Example: ``ex.options(time_limit=60, max_retries=0).submit(fit, data)``. Options not
+        given keep the executor's defaults. With ``map``, they apply to each chunk.
+
+        Args:
+            time_limit: seconds a task may run before it is stopped (its worker replaced) and
+                its future fails with :class:`~distexec.TaskTimeoutError`; None: no limit.
+            max_retries: re-runs allowed when the worker running the task is lost.
+
+        Raises:
+            ValueError: ``time_limit`` is not positive or ``max_retries`` is negative.
+        """
+        return TaskOptions(self, self._time_limit, None).options(
+            time_limit=time_limit, max_retries=max_retries)
+
+    # ------------------------------------------------------------------ control
+    def _ask(self, command: str, *args: Any) -> Any:
+        """Post a command that the manager answers; wait for the answer."""
+        manager = self._manager
+        if manager is None or not manager.thread.is_alive():
+            return None
+        reply: Future[Any] = Future()
+        if threading.current_thread() is manager.thread:  # called from a done-callback
+            manager._command((command, *args, reply))
+            return reply.result()
+        manager.post((command, *args, reply))
+        while True:
+            try:
+                return reply.result(timeout=1.0)
+            except TimeoutError:
+                if not manager.thread.is_alive():
+                    return None
+
+    def abort(self, future: Future[Any]) -> bool:
+        """Stop the task behind ``future``, even if it is running; the future ends cancelled.
+
+        A queued task is simply cancelled. A running one is stopped: its worker is killed (or,
+        for a worker started by hand, restarts itself) and is replaced; other tasks that worker
+        held run elsewhere at no cost to their retries. ``future.cancel()`` keeps its standard
+        meaning and never stops a running task.
+
+        Returns:
+            True if the task was cancelled or stopped by this call, False if it had already
+            finished (or the executor has stopped).
+
+        Raises:
+            ValueError: ``future`` did not come from a distexec executor's ``submit`` (a future
+                of another distexec executor is not found here, and False is returned).
+        """
+        task_id = getattr(future, "_distexec_task_id", None)
+        if task_id is None:
+            raise ValueError("abort() needs a future returned by this executor")
+        if future.done():
+            return False
+        return bool(self._ask(CMD_ABORT, task_id))
+
+    def resize(self, max_workers: int) -> None:
+        """Change the number of local workers while the executor runs.
+
+        Growing starts workers at once. Shrinking retires the surplus: workers not yet started
+        or idle first, then those holding the fewest tasks; each leaves after finishing the
+        tasks it holds, so no task is re-run. Workers that joined by hand are not counted and
+        not touched.
+
+        Raises:
+            ValueError: ``max_workers`` is negative.
+            RuntimeError: the executor was shut down.
+        """
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError("max_workers must be an integer")
+        if max_workers < 0:
+            raise ValueError("max_workers must be >= 0")
+        with self._shared.lock:
+            self._check()
+            self._max_workers = max_workers
+            manager = self._manager
+            if manager is None:
+                self._config = _replace_workers(self._config, max_workers)
+                return
+        manager.post((CMD_RESIZE, max_workers))
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> int:
+        """Block until at least ``n`` workers are ready for tasks; start the executor if needed.
+
+        Returns:
+            The number of ready workers.
+
+        Raises:
+            TimeoutError: fewer than ``n`` workers were ready after ``timeout`` seconds.
+            BrokenDistributedExecutor: the executor broke while waiting.
+            RuntimeError: the executor was shut down.
+        """
+        self.start()
+        shared = self._shared
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with shared.lock:
+            while shared.ready_workers < n:
+                if shared.broken is not None:
+                    raise BrokenDistributedExecutor(str(shared.broken)) from shared.broken
+                if shared.stopped or shared.shutdown:
+                    raise RuntimeError("the executor was shut down while waiting for workers")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"only {shared.ready_workers} of {n} workers were ready "
+                                       f"after {timeout:g} s")
+                shared.changed.wait(remaining)
+            return shared.ready_workers
+
+    def workers(self) -> list[WorkerInfo]:
+        """A snapshot of the live workers (local and joined by hand), by worker id."""
+        snapshot = self._ask(CMD_QUERY) or []
+        return [WorkerInfo(**item) for item in snapshot]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                 cancel_running: bool = False) -> None:
         """Stop accepting tasks and release the workers once the submitted work is done.
 
         Args:
             wait: block until all pending futures are done and every worker process has exited.
             cancel_futures: cancel the futures that have not started running.
+            cancel_running: also stop the tasks that are running: their futures end cancelled
+                and every worker is stopped at once, local ones killed, hand-started ones
+                disconnected (they exit). Implies ``cancel_futures``.
 
         Calling it more than once is harmless. After shutdown, ``submit`` raises
         ``RuntimeError('cannot schedule new futures after shutdown')``.
@@ -283,7 +595,10 @@ class DistributedExecutor(Executor):
             manager = self._manager
         if manager is None:
             return
-        manager.post((CMD_SHUTDOWN, cancel_futures))
+        if cancel_running:
+            manager.post((CMD_TERMINATE, "shutdown(cancel_running=True)"))
+        else:
+            manager.post((CMD_SHUTDOWN, cancel_futures))
         if wait:
             manager.join()
 
@@ -310,6 +625,57 @@ class DistributedExecutor(Executor):
             self._terminate("interrupted while waiting for shutdown")
             raise
         return None
+
+
+def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
+    from dataclasses import replace
+
+    return replace(config, max_workers=n)
+
+
+class TaskOptions:
+    """A view of a :class:`DistributedExecutor` that submits with other task options.
+
+    Made by :meth:`DistributedExecutor.options`; cheap, holds no state but the options.
+    """
+
+    def __init__(self, executor: DistributedExecutor, time_limit: float | None,
+                 max_retries: int | None) -> None:
+        self._executor = executor
+        self.time_limit = time_limit
+        self.max_retries = max_retries
+
+    def __repr__(self) -> str:
+        return f"<TaskOptions time_limit={self.time_limit} max_retries={self.max_retries}>"
+
+    def options(
+        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET
+    ) -> TaskOptions:
+        """These options, with the ones given replaced."""
+        return TaskOptions(
+            self._executor,
+            self.time_limit if time_limit is _UNSET else _check_time_limit(time_limit),
+            self.max_retries if max_retries is _UNSET else _check_max_retries(max_retries),
+        )
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """:meth:`DistributedExecutor.submit` with these options."""
+        if not callable(fn):
+            raise TypeError(f"{type(fn).__name__!r} object is not callable")
+        return self._executor._submit(fn, args, kwargs or None, TaskKind.CALL, self.time_limit,
+                                      self.max_retries)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """:meth:`DistributedExecutor.map` with these options (applied to each chunk)."""
+        return self._executor._map(fn, iterables, timeout, chunksize, buffersize,
+                                   self.time_limit, self.max_retries)
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:

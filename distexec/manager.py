@@ -18,15 +18,24 @@ the deadlines, and it alone completes futures. User code that can run here (``__
 pickling an argument, ``__setstate__`` while unpickling a result) runs behind
 ``except BaseException``, so one bad task fails its own future and never the manager.
 
-Worker loss: a worker is lost when its connection closes or its process exits. The manager waits
-briefly for the other half of that news (the exit status, or the socket's end) so that the error
-names the exit code or signal. The task the worker was running (a local worker publishes its id
-in shared memory; otherwise the oldest task it held) fails with
-:class:`~distexec.errors.WorkerLostError`; the other tasks it held had not started, or finished
-with their results still in the worker's outgoing batch, and go back to the front of the queue.
-A replacement worker is started. A worker that dies before it is ready (during start-up or in
-the initializer) counts as a failed start; ``START_FAILURE_LIMIT`` of those in a row break the
-executor rather than relaunching forever.
+Worker loss: a worker is lost when its connection closes, its process exits, or it sends no
+heartbeat (any byte on its control connection, see :mod:`distexec.protocol`) for
+``heartbeat_timeout`` seconds. For an exit, the manager waits briefly for the other half of the
+news (the exit status, or the socket's end) so that the error names the exit code or signal. A
+silent local worker is killed; a silent remote one is kept as a *zombie*: its connections stay
+open, anything it sends later is dropped, and once it shows life it is told to leave.
+
+Every task the lost worker held goes back to the front of the queue. The one it was running (a
+local worker publishes its id in shared memory; otherwise the oldest task it held) is charged
+with the loss; once a task has been charged more than ``max_retries`` times it fails with
+:class:`~distexec.errors.WorkerLostError` listing every attempt. Lost local workers are
+replaced, after a backoff when they keep dying with no task finishing in between. A worker that
+dies before it is ready (during start-up or in the initializer) counts as a failed start;
+``START_FAILURE_LIMIT`` of those in a row break the executor rather than relaunching forever.
+
+Stopping a task (``abort``, a time limit, ``shutdown(cancel_running=True)``): its future is
+settled first; then a local worker running it is killed, and any other worker is sent ``ABORT``
+on its control connection. Tasks the worker held besides go back to the queue, uncharged.
 """
 
 from __future__ import annotations
@@ -55,8 +64,10 @@ from ._version import __version__
 from .errors import (
     BrokenDistributedExecutor,
     HandshakeError,
+    LostAttempt,
     ProtocolError,
     TaskPicklingError,
+    TaskTimeoutError,
     TaskUnpicklingError,
     WorkerLostError,
 )
@@ -73,6 +84,13 @@ EXIT_GRACE = 2.0
 SHUTDOWN_GRACE = 5.0
 # Consecutive workers that fail to start (no READY in between) before the executor breaks.
 START_FAILURE_LIMIT = 3
+# Replacing workers that keep dying: losses in a row (no task finished in between) that are
+# replaced at once; after that the delay doubles from RESTART_BACKOFF up to RESTART_BACKOFF_MAX.
+RESTART_FREE = 2
+RESTART_BACKOFF = 0.1
+RESTART_BACKOFF_MAX = 10.0
+# Newest control-channel bytes kept per worker (the last stack dump, for time-limit errors).
+DUMP_KEEP = 32 * 1024
 # How many function definitions each worker keeps; older ones are told to be forgotten.
 WORKER_FN_CAPACITY = 256
 # Payloads above this go as separate frame buffers (saves a copy of large arguments).
@@ -93,6 +111,10 @@ class SharedState:
         self.shutdown = False
         self.broken: BaseException | None = None  # the cause, once broken
         self.inbox: deque[Any] = deque()
+        # Number of workers ready for tasks, published by the manager; callers wait on changes.
+        self.ready_workers = 0
+        self.stopped = False  # the manager thread has finished
+        self.changed = threading.Condition(self.lock)
 
 
 @dataclass(frozen=True)
@@ -105,11 +127,24 @@ class ManagerConfig:
     max_message_size: int
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
+    key: bytes | None = None
+    heartbeat_timeout: float | None = 30.0
+    max_retries: int = 3
+
+    @property
+    def heartbeat_interval(self) -> float:
+        # Five beats per timeout: one late beat is never mistaken for a frozen worker.
+        if self.heartbeat_timeout is None:
+            return 5.0
+        return max(0.05, self.heartbeat_timeout / 5)
 
 
 # Commands callers post to the inbox (anything that is not a Task).
 CMD_SHUTDOWN = "shutdown"  # (CMD_SHUTDOWN, cancel_futures)
 CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason)
+CMD_ABORT = "abort"  # (CMD_ABORT, task_id, reply future -> bool)
+CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
+CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
 
 
 def force_cancel(future: Future[Any]) -> bool:
@@ -153,7 +188,7 @@ class _Conn:
     """One socket to a worker (or to something pretending to be one)."""
 
     __slots__ = ("sock", "peer", "open", "hs_buf", "nonce_m", "decoder", "out", "worker_id",
-                 "want_write", "close_after_flush")
+                 "want_write", "close_after_flush", "slot", "control")
 
     def __init__(self, sock: socket.socket, peer: str, max_message_size: int) -> None:
         self.sock = sock
@@ -166,13 +201,16 @@ class _Conn:
         self.worker_id: int | None = None
         self.want_write = False
         self.close_after_flush = False
+        self.slot: _Slot | None = None  # set once the handshake names the worker
+        self.control = False  # the worker's control connection (heartbeats, ABORT)
 
 
 class _Slot:
     """The manager's handles on one worker: its connection, process and per-worker caches."""
 
     __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
-                 "fail_reason", "disconnect_reason")
+                 "fail_reason", "disconnect_reason", "ctrl", "last_seen", "lost_reason",
+                 "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at")
 
     def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
         self.worker_id = worker_id
@@ -183,6 +221,38 @@ class _Slot:
         self.exited = proc is None  # a worker we did not start has no process to wait for
         self.fail_reason: str | None = None  # why we refused or killed it, for start failures
         self.disconnect_reason: str | None = None
+        self.ctrl: _Conn | None = None  # the control connection
+        self.last_seen = 0.0  # monotonic time of the last byte from either connection
+        self.lost_reason: str | None = None  # declared lost for missing heartbeats
+        self.stopping = False  # we stopped it to abort a task: its loss charges no one
+        self.retiring = False  # the pool shrank: it is on its way out
+        self.dump = b""  # newest control-channel bytes (faulthandler stack dumps)
+        self.main_thread: int | None = None  # the worker's main thread id, as in the dumps
+        self.zombie = False  # declared lost, connections kept to drop what it still sends
+        self.lost_at = 0.0
+
+    def main_stack(self) -> str | None:
+        """The worker's main-thread stack from its newest complete dump, or None."""
+        text = self.dump.decode("ascii", "replace")
+        dumps = text.split("Timeout (")
+        if len(dumps) < 2 or self.main_thread is None:
+            return None
+        marker = f"hread 0x{self.main_thread:016x} "
+        for dump in reversed(dumps[1:]):
+            at = dump.find(marker)
+            if at < 0:
+                continue
+            end = dump.find("\n\n", at)
+            lines = []
+            for line in dump[at:end if end >= 0 else len(dump)].splitlines()[1:]:
+                if _WORKER_FRAME in line:
+                    break  # distexec's own frames below the task's: not of interest
+                lines.append(line)
+            return "\n".join(lines) if lines else None
+        return None
+
+
+_WORKER_FRAME = os.path.join("distexec", "worker.py") + '"'
 
 
 class Manager:
@@ -195,7 +265,7 @@ class Manager:
     def __init__(self, config: ManagerConfig, shared: SharedState) -> None:
         self.config = config
         self.shared = shared
-        self.key = protocol.new_key()
+        self.key = config.key or protocol.new_key()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -204,7 +274,7 @@ class Manager:
                                              backlog=128)
         self.listener.setblocking(False)
         host, port = self.listener.getsockname()[:2]
-        self.address = f"{host}:{port}"
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.thread = threading.Thread(target=self._run, name="distexec-manager", daemon=False)
         # Manager-thread state below.
         self._sched = Scheduler()
@@ -221,6 +291,11 @@ class Manager:
         self._start_failures = 0
         self._last_start_failure = ""
         self._exit_events: deque[LocalProcess] = deque()  # from reaper threads (no pidfd)
+        self._target = config.max_workers  # local workers wanted (resize() changes it)
+        self._zombies: dict[int, _Slot] = {}
+        self._crash_streak = 0  # workers lost in a row with no task finishing in between
+        self._launch_not_before = 0.0  # restart backoff
+        self._launch_timer = False  # a deadline to call _ensure_workers is pending
         self.executor_ref: Any = None  # weakref to the executor, set by it
 
     # ---------------------------------------------------------------- caller side (any thread)
@@ -231,11 +306,17 @@ class Manager:
     def wake(self) -> None:
         """Make the manager look at its inbox soon. Cheap when a wakeup is already pending."""
         if not self._wake_pending:
-            self._wake_pending = True
+            # A KeyboardInterrupt between setting the flag and sending would leave the flag set
+            # with no byte sent, and every later wake() would skip the send: the manager would
+            # never look at its inbox again. Undo the flag on any exception.
             try:
+                self._wake_pending = True
                 self._wake_w.send(b"\0")
             except OSError:
                 pass
+            except BaseException:
+                self._wake_pending = False
+                raise
 
     def post(self, command: Any) -> None:
         self.shared.inbox.append(command)
@@ -308,6 +389,12 @@ class Manager:
                     _cancel(task)
         elif name == CMD_TERMINATE:
             self._terminate(command[1])
+        elif name == CMD_ABORT:
+            _settle(command[2], True, self.abort(command[1]))
+        elif name == CMD_RESIZE:
+            self._resize(command[1])
+        elif name == CMD_QUERY:
+            _settle(command[1], True, self.snapshot())
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown command {command!r}")
 
@@ -327,15 +414,52 @@ class Manager:
             return 0
         if self._closing and not self._sched.tasks:
             return 0  # shutting down: workers are still needed only to finish the work
-        return self.config.max_workers
+        return self._target
 
     def _ensure_workers(self) -> None:
+        """Launch local workers up to the target (respecting the restart backoff)."""
+        self._launch_timer = False
         active = sum(
-            1 for w in self._sched.live_workers() if w.state is not WorkerState.DRAINING
+            1 for w in self._sched.live_workers()
+            if w.local and w.state is not WorkerState.DRAINING
+            and not self._slots[w.id].retiring
         )
+        if active >= self._wanted_workers():
+            return
+        now = time.monotonic()
+        if now < self._launch_not_before:
+            if not self._launch_timer:
+                self._launch_timer = True
+                self._at(self._launch_not_before, self._ensure_workers)
+            return
         while active < self._wanted_workers():
             self._launch()
             active += 1
+
+    def _resize(self, n: int) -> None:
+        """Change the number of local workers; surplus ones leave after the tasks they hold."""
+        logger.info("resizing the pool of local workers from %d to %d", self._target, n)
+        self._target = n
+        self._ensure_workers()
+        records = [w for w in self._sched.live_workers()
+                   if w.local and w.state is not WorkerState.DRAINING
+                   and not self._slots[w.id].retiring]
+        surplus = len(records) - n
+        if surplus <= 0:
+            return
+        # Cheapest to retire first: not yet started, then idle, then those holding the fewest.
+        order = {WorkerState.LAUNCHING: 0, WorkerState.CONNECTED: 1, WorkerState.IDLE: 2}
+        records.sort(key=lambda w: (order.get(w.state, 3), len(w.assigned), -w.id))
+        for record in records[:surplus]:
+            slot = self._slots[record.id]
+            slot.retiring = True
+            if record.state is WorkerState.LAUNCHING or slot.conn is None:
+                if slot.proc is not None:
+                    slot.proc.kill()
+                continue
+            self._sched.drain(record.id)
+            if not record.assigned and not slot.shutdown_sent:
+                self._send_shutdown(slot)
 
     def _launch(self) -> None:
         worker_id = next(self._worker_ids)
@@ -417,10 +541,12 @@ class Manager:
             if mask & selectors.EVENT_WRITE:
                 self._flush(conn)
             if mask & selectors.EVENT_READ and conn in self._conns:
-                if conn.open:
-                    self._read_frames(conn)
-                else:
+                if not conn.open:
                     self._read_handshake(conn)
+                elif conn.control:
+                    self._read_control(conn)
+                else:
+                    self._read_frames(conn)
         return handler
 
     def _handshake_timeout(self, conn: _Conn) -> None:
@@ -503,6 +629,9 @@ class Manager:
         )
 
     def _accept_worker(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
+        if info.get("channel") == "control":
+            self._accept_control(conn, info, nonce_w)
+            return
         problem = self._version_problem(info)
         token = info.get("worker_id")
         slot = self._slots.get(token) if isinstance(token, int) else None
@@ -530,8 +659,11 @@ class Manager:
             worker_id = next(self._worker_ids)
             record = self._sched.add_worker(worker_id, str(info.get("host", "?")),
                                             self.config.max_tasks_per_child, now)
+            record.local = False
             slot = _Slot(worker_id, None)
             self._slots[worker_id] = slot
+            logger.info("worker %d joined from %s (pid %s on %s)", worker_id, conn.peer,
+                        info.get("pid"), info.get("host"))
         record.pid = info.get("pid") if isinstance(info.get("pid"), int) else record.pid
         record.host = str(info.get("host", record.host))
         record.info = info
@@ -539,10 +671,15 @@ class Manager:
         record.transition(WorkerState.CONNECTED)
         slot.conn = conn
         conn.worker_id = slot.worker_id
+        conn.slot = slot
         conn.open = True
-        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
-                                                    protocol.STATUS_OK,
-                                                    {"worker_id": slot.worker_id})])
+        slot.last_seen = now
+        timeout = self.config.heartbeat_timeout
+        if timeout is not None:
+            self._at(now + timeout, partial(self._check_heartbeat, slot))
+        self._send_raw(conn, [protocol.make_welcome(
+            self.key, conn.nonce_m, nonce_w, protocol.STATUS_OK,
+            {"worker_id": slot.worker_id, "heartbeat_interval": self.config.heartbeat_interval})])
         config = {
             "worker_id": slot.worker_id,
             "sys_path": _client_sys_path() if slot.proc is not None else None,
@@ -552,10 +689,137 @@ class Manager:
         logger.debug("worker %d connected from %s (pid %s)", slot.worker_id, conn.peer,
                      record.pid)
 
+    def _accept_control(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
+        token = info.get("worker_id")
+        slot = self._slots.get(token) if isinstance(token, int) else None
+        record = self._sched.workers.get(token) if isinstance(token, int) else None
+        if (slot is None or record is None or slot.conn is None or slot.ctrl is not None
+                or record.pid != info.get("pid")):
+            self._refuse(conn, protocol.STATUS_REFUSED,
+                         f"no worker {token} (pid {info.get('pid')}) is waiting for its "
+                         "control connection", nonce_w)
+            return
+        slot.ctrl = conn
+        conn.worker_id = slot.worker_id
+        conn.slot = slot
+        conn.control = True
+        conn.open = True
+        main_thread = info.get("main_thread")
+        slot.main_thread = main_thread if isinstance(main_thread, int) else None
+        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
+                                                    protocol.STATUS_OK, {})])
+        logger.debug("worker %d opened its control connection", slot.worker_id)
+
+    def _read_control(self, conn: _Conn) -> None:
+        """Bytes on a control connection: heartbeats (stack dumps and NULs)."""
+        slot = conn.slot
+        assert slot is not None
+        chunks = []
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._control_closed(conn, f"connection error: {exc}")
+                return
+            if not data:
+                self._control_closed(conn, "connection closed")
+                return
+            chunks.append(data)
+        if not chunks:
+            return
+        slot.last_seen = time.monotonic()
+        data = b"".join(chunks).replace(protocol.BEAT, b"")
+        if data:
+            dump = slot.dump + data
+            if len(dump) > DUMP_KEEP:
+                dump = dump[-DUMP_KEEP:]
+            slot.dump = dump
+        if slot.zombie:
+            self._zombie_alive(slot)
+
+    def _control_closed(self, conn: _Conn, why: str) -> None:
+        self._close(conn)
+        slot = conn.slot
+        if slot is not None and slot.ctrl is conn:
+            slot.ctrl = None
+            # Not a loss by itself: the main connection or the process exit says so; should
+            # the worker live on without it, its heartbeats stop and the watchdog decides.
+            logger.debug("worker %d closed its control connection (%s)", slot.worker_id, why)
+            if slot.zombie:
+                self._bury(slot)
+
+    def _send_control(self, slot: _Slot, command: int, task_id: int, attempt: int) -> bool:
+        conn = slot.ctrl
+        if conn is None or conn not in self._conns:
+            return False
+        self._send_raw(conn, [protocol.CONTROL_COMMAND.pack(command, task_id, attempt)])
+        return True
+
+    # ---------------------------------------------------------------- heartbeats
+    def _check_heartbeat(self, slot: _Slot) -> None:
+        """Deadline: declare the worker lost if it has been silent for heartbeat_timeout."""
+        if self._slots.get(slot.worker_id) is not slot or slot.lost_reason or slot.zombie:
+            return
+        timeout = self.config.heartbeat_timeout
+        assert timeout is not None
+        # This thread may itself have been starved (the client held the GIL): read what is
+        # waiting before concluding that the worker is silent.
+        if time.monotonic() - slot.last_seen >= timeout:
+            if slot.ctrl is not None and slot.ctrl in self._conns:
+                self._read_control(slot.ctrl)
+            if slot.conn is not None and slot.conn in self._conns:
+                self._read_frames(slot.conn)
+            if self._slots.get(slot.worker_id) is not slot:
+                return
+        silent = time.monotonic() - slot.last_seen
+        if silent < timeout:
+            self._at(slot.last_seen + timeout, partial(self._check_heartbeat, slot))
+            return
+        record = self._sched.workers[slot.worker_id]
+        slot.lost_reason = (
+            f"no heartbeat for {silent:.1f} s (heartbeat_timeout={timeout:g} s): the worker is "
+            "frozen (for example stopped with SIGSTOP), or its host is overloaded or unreachable")
+        logger.warning("declaring %s lost: %s", record.describe(), slot.lost_reason)
+        if slot.proc is not None:
+            slot.proc.kill()  # its exit completes the loss (_on_process_exit -> _finalize)
+        else:
+            self._finalize(slot, keep_connections=True)
+
+    # ---------------------------------------------------------------- zombies
+    def _zombie_alive(self, slot: _Slot) -> None:
+        """A worker declared lost is sending again: it was replaced, so ask it to leave."""
+        if slot.shutdown_sent:
+            return
+        logger.warning("worker %d, declared lost %.1f s ago, is responding again; it has been "
+                       "replaced and is asked to leave (what it still sends is dropped)",
+                       slot.worker_id, time.monotonic() - slot.lost_at)
+        slot.shutdown_sent = True
+        if slot.conn is not None and slot.conn in self._conns:
+            self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ("replaced",)))
+
+    def _bury(self, slot: _Slot) -> None:
+        """Forget a zombie for good: close whatever is left of it."""
+        for conn in (slot.conn, slot.ctrl):
+            if conn is not None:
+                self._close(conn)
+        self._zombies.pop(slot.worker_id, None)
+
+    def _on_zombie_frame(self, slot: _Slot, frame: protocol.Frame) -> None:
+        if frame.kind == protocol.RESULTS:
+            for item in frame.meta[0]:
+                logger.warning("dropped a late result for task %d (attempt %d) from worker %d, "
+                               "which had been declared lost; the task was re-scheduled",
+                               item[0], item[1], slot.worker_id)
+        self._zombie_alive(slot)
+
     # ---------------------------------------------------------------- frames from workers
     def _read_frames(self, conn: _Conn) -> None:
         budget = READ_BUDGET
         decoder = conn.decoder
+        slot = conn.slot
+        assert slot is not None
         while budget > 0:
             try:
                 n = conn.sock.recv_into(decoder.recv_buffer())
@@ -567,6 +831,7 @@ class Manager:
             if n == 0:
                 self._disconnected(conn, "connection closed")
                 return
+            slot.last_seen = time.monotonic()
             budget -= n
             try:
                 frames = decoder.feed(n)
@@ -576,7 +841,10 @@ class Manager:
                 self._disconnected(conn, f"protocol error: {exc}")
                 return
             for frame in frames:
-                self._on_frame(conn, frame)
+                if slot.zombie:
+                    self._on_zombie_frame(slot, frame)
+                else:
+                    self._on_frame(conn, frame)
                 if conn not in self._conns:
                     return
 
@@ -591,6 +859,18 @@ class Manager:
                 self._sched.worker_ready(worker_id)
                 self._start_failures = 0
                 logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
+                self._publish()
+        elif frame.kind == protocol.LEAVE:
+            record = self._sched.workers[worker_id]
+            slot = self._slots[worker_id]
+            logger.info("%s asked to leave; it finishes the %d task(s) it holds", record.describe(),
+                        len(record.assigned))
+            slot.retiring = True
+            self._sched.drain(worker_id)
+            if not record.assigned and not slot.shutdown_sent:
+                self._send_shutdown(slot)
+            self._publish()
+            self._ensure_workers()
         elif frame.kind == protocol.INIT_FAILED:
             data, type_name, message, text = frame.meta[0]
             exc = serialization.loads_exception(data, type_name, message, text)
@@ -623,6 +903,7 @@ class Manager:
                             task_id, attempt, worker_id)
                 continue
             assert task is not None
+            self._crash_streak = 0
             if ok:
                 try:
                     value = serialization.loads(payload, oob)
@@ -641,6 +922,11 @@ class Manager:
                         serialization.loads_exception(payload, type_name, message, text))
         slot = self._slots.get(worker_id)
         record = sched.workers.get(worker_id)
+        if slot is not None and slot.stopping:
+            # It answered after an ABORT: the aborted task was only queued there and was
+            # skipped, so a later death is an ordinary loss again.
+            slot.stopping = False
+            slot.fail_reason = None
         if (slot is not None and record is not None and record.state is WorkerState.DRAINING
                 and not record.assigned and not slot.shutdown_sent):
             self._send_shutdown(slot)
@@ -691,11 +977,113 @@ class Manager:
             conn = slot.conn
             assert conn is not None
             self._send_tasks(slot, conn, tasks)
+            for task in tasks:
+                if task.time_limit is not None and task.state is TaskState.ASSIGNED:
+                    self._at(time.monotonic() + task.time_limit,
+                             partial(self._time_limit_expired, task, task.attempt))
             if record.state is WorkerState.DRAINING:
                 # max_tasks_per_child reached: start its successor now to hide the startup time.
                 self._ensure_workers()
                 if not record.assigned and not slot.shutdown_sent:
                     self._send_shutdown(slot)
+
+    # ---------------------------------------------------------------- stopping tasks
+    def abort(self, task_id: int) -> bool:
+        """Stop a task wherever it is; its future ends cancelled. Manager thread only."""
+        task = self._sched.tasks.get(task_id)
+        if task is None:
+            return False
+        if task.state is TaskState.QUEUED and not task.attempt:
+            self._sched.stop_task(task, TaskState.CANCELLED)
+            return task.future.cancel()
+        logger.info("aborting task %d", task_id)
+        self._stop_task(task, TaskState.CANCELLED, None)
+        return True
+
+    def _time_limit_expired(self, task: Task, attempt: int) -> None:
+        if task.state is not TaskState.ASSIGNED or task.attempt != attempt:
+            return
+        assert task.time_limit is not None and task.worker_id is not None
+        slot = self._slots.get(task.worker_id)
+        record = self._sched.workers.get(task.worker_id)
+        where = record.describe() if record is not None else f"worker {task.worker_id}"
+        stack = slot.main_stack() if slot is not None else None
+        name = serialization.describe_callable(task.fn)
+        err = TaskTimeoutError(
+            f"task {task.id} ({name}) exceeded its time limit of {task.time_limit:g} s on "
+            f"{where}; the worker was stopped and will be replaced"
+            + (f". Its last reported stack (most recent call first):\n{stack}" if stack else ""))
+        logger.warning("task %d (%s) exceeded its time limit of %g s; stopping %s", task.id,
+                       name, task.time_limit, where)
+        self._stop_task(task, TaskState.FAILED, err)
+
+    def _stop_task(self, task: Task, state: TaskState, err: BaseException | None) -> None:
+        """Settle a task now (cancelled, or failed with ``err``) and stop it where it runs."""
+        worker_id = task.worker_id if task.state is TaskState.ASSIGNED else None
+        attempt = task.attempt
+        future = task.future
+        self._sched.stop_task(task, state)
+        if err is None:
+            force_cancel(future)
+        else:
+            _settle(future, False, err)
+        slot = self._slots.get(worker_id) if worker_id is not None else None
+        if slot is None:
+            return
+        how = "time limit" if err is not None else "abort"
+        if slot.proc is not None and (slot.proc.running_task() == (task.id, attempt)
+                                      or slot.ctrl is None):
+            self._kill_to_stop(slot, f"stopped by the executor ({how} of task {task.id})")
+        elif self._send_control(slot, protocol.ABORT, task.id, attempt):
+            # If it has started meanwhile the worker exits (or restarts): no one is charged.
+            slot.stopping = True
+            slot.fail_reason = f"stopped by the executor ({how} of task {task.id})"
+        else:
+            logger.warning("cannot reach worker %d to stop task %d; its result will be dropped",
+                           slot.worker_id, task.id)
+
+    def _kill_to_stop(self, slot: _Slot, reason: str) -> None:
+        assert slot.proc is not None
+        slot.stopping = True
+        slot.fail_reason = reason
+        self._sched.drain(slot.worker_id)  # no new task for a worker about to die
+        slot.proc.kill()
+
+    # ---------------------------------------------------------------- status
+    def _publish(self) -> None:
+        """Tell waiting callers how many workers are ready (wait_for_workers)."""
+        ready = sum(1 for w in self._sched.workers.values()
+                    if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+        shared = self.shared
+        if ready != shared.ready_workers:
+            with shared.lock:
+                shared.ready_workers = ready
+                shared.changed.notify_all()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """What each live worker is doing, as plain data. Manager thread only."""
+        now = time.monotonic()
+        out = []
+        for record in self._sched.live_workers():
+            slot = self._slots.get(record.id)
+            running = None
+            if slot is not None and slot.proc is not None and slot.proc.reports_progress:
+                current = slot.proc.running_task()
+                running = current[0] if current else None
+            elif record.assigned:
+                running = next(iter(record.assigned))
+            out.append({
+                "worker_id": record.id,
+                "host": record.host,
+                "pid": record.pid,
+                "state": record.state.value,
+                "local": record.local,
+                "held": tuple(record.assigned),
+                "running": running,
+                "tasks_done": record.tasks_done,
+                "last_heartbeat_age": (now - slot.last_seen) if slot and slot.last_seen else None,
+            })
+        return out
 
     def _function(self, task: Task, slot: _Slot, defs: list[Any], forget: list[int]) -> int:
         fn = task.fn
@@ -771,7 +1159,7 @@ class Manager:
         slot.shutdown_sent = True
         self._sched.drain(slot.worker_id)
         if slot.conn is not None:
-            self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ()))
+            self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ("",)))
         if slot.proc is not None:
             self._at(time.monotonic() + SHUTDOWN_GRACE, partial(self._kill_late, slot))
 
@@ -813,8 +1201,9 @@ class Manager:
             slot.shutdown_sent = True
             if slot.proc is not None:
                 slot.proc.kill()
-            elif slot.conn is not None:
-                self._close(slot.conn)
+            else:
+                # A worker started by hand: closing its connections makes it exit at once
+                # (its control thread sees the end of the connection), even mid-task.
                 self._finalize(slot)
 
     def _break(self, exc: BrokenDistributedExecutor, cause: BaseException | None) -> None:
@@ -840,8 +1229,6 @@ class Manager:
             if slot.proc is not None:
                 slot.proc.kill()
             else:
-                if slot.conn is not None:
-                    self._close(slot.conn)
                 self._finalize(slot)
 
     def _drain_inbox_into_failures(self, exc: BaseException) -> None:
@@ -856,10 +1243,15 @@ class Manager:
 
     # ---------------------------------------------------------------- worker loss
     def _disconnected(self, conn: _Conn, why: str) -> None:
+        if conn.control:
+            self._control_closed(conn, why)
+            return
         self._close(conn)
-        worker_id = conn.worker_id
-        slot = self._slots.get(worker_id) if worker_id is not None else None
-        if slot is None or slot.conn is not conn:
+        slot = conn.slot
+        if slot is not None and slot.zombie:
+            self._bury(slot)
+            return
+        if slot is None or self._slots.get(slot.worker_id) is not slot or slot.conn is not conn:
             return
         if slot.disconnect_reason is None and not slot.shutdown_sent:
             slot.disconnect_reason = why
@@ -900,27 +1292,36 @@ class Manager:
                 return
         self._finalize(slot)
 
-    def _finalize(self, slot: _Slot) -> None:
-        """The worker is over (connection closed and process exited): settle its books."""
+    def _finalize(self, slot: _Slot, keep_connections: bool = False) -> None:
+        """The worker is over (connection closed and process exited, or declared lost): settle
+        its books. With ``keep_connections`` (a silent remote worker) it becomes a zombie."""
         if self._slots.get(slot.worker_id) is not slot:
             return
         del self._slots[slot.worker_id]
         record = self._sched.workers[slot.worker_id]
         exitcode = slot.proc.poll() if slot.proc is not None else None
         record.exitcode = exitcode
-        if slot.conn is not None:
-            self._close(slot.conn)
-        clean = (slot.shutdown_sent and not record.assigned
+        if keep_connections:
+            slot.zombie = True
+            slot.lost_at = time.monotonic()
+            self._zombies[slot.worker_id] = slot
+        else:
+            for conn in (slot.conn, slot.ctrl):
+                if conn is not None:
+                    self._close(conn)
+        clean = (slot.shutdown_sent and not record.assigned and not slot.lost_reason
                  and (exitcode is None or exitcode == 0 or self._terminating))
         if record.state in (WorkerState.LAUNCHING, WorkerState.CONNECTED):
             stage = ("before connecting" if record.state is WorkerState.LAUNCHING
                      else "while starting up (in the initializer or before it)")
             record.transition(WorkerState.LOST)
-            if not self._terminating and (self._sched.tasks or not self._closing):
+            if (not self._terminating and not slot.retiring
+                    and (self._sched.tasks or not self._closing)):
                 what = (describe_exit(exitcode) if slot.proc is not None
                         else slot.disconnect_reason or "connection lost")
                 # fail_reason (timed out, wrong versions) is only ever set for local workers.
                 reason = (f"{slot.fail_reason} ({what})" if slot.fail_reason else
+                          slot.lost_reason or
                           f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}")
                 self._start_failed(reason)
         elif clean:
@@ -928,38 +1329,84 @@ class Manager:
                 if record.state is not WorkerState.DRAINING:
                     self._sched.drain(slot.worker_id)
                 record.transition(WorkerState.GONE)
-            logger.debug("worker %d left (%s)", slot.worker_id, describe_exit(exitcode))
+            log = logger.info if not record.local else logger.debug
+            log("worker %d left (%s)", slot.worker_id,
+                describe_exit(exitcode) if slot.proc is not None else "disconnected")
         else:
-            held = self._sched.worker_lost(slot.worker_id)
-            what = describe_exit(exitcode) if slot.proc is not None else (
-                slot.fail_reason or slot.disconnect_reason or "connection lost")
-            culprit = self._running_task(slot, held)
-            level = logging.WARNING if held or not self._closing else logging.INFO
-            logger.log(level, "lost %s: %s%s", record.describe(), what,
-                       f"; it was running task {culprit.id}" if culprit is not None else "")
-            for task in held:
-                if task is culprit:
-                    name = serialization.describe_callable(task.fn)
-                    err = WorkerLostError(
-                        f"task {task.id} ({name}) was running on {record.describe()}, which "
-                        f"died: {what}. The worker has been replaced; submit the task again if "
-                        "it is safe to re-run",
-                        worker_id=record.id, host=record.host, pid=record.pid,
-                        exitcode=exitcode)
-                    self._sched.fail_task(task)
-                    _settle(task.future, False, err)
-            # The others had not started (or finished with their result still in the worker's
-            # outgoing batch): they go back to the front of the queue, in their order.
-            for task in reversed(held):
-                if task is not culprit:
-                    self._sched.requeue(task)
-            if len(held) > 1 or (held and culprit is None):
-                logger.info("re-queued %d task(s) that worker %d held besides the one it ran",
-                            len(held) - (culprit is not None), slot.worker_id)
+            self._worker_lost(slot, record, exitcode)
         if slot.proc is not None:
             slot.proc.close()
         self._sched.forget_worker(slot.worker_id)
+        self._publish()
         self._ensure_workers()
+
+    def _worker_lost(self, slot: _Slot, record: WorkerRecord, exitcode: int | None) -> None:
+        """Re-queue what a lost worker held; charge the loss to the task it was running."""
+        held = self._sched.worker_lost(slot.worker_id)
+        if slot.lost_reason:
+            what = slot.lost_reason + ("; it was killed" if slot.proc is not None else "")
+        elif slot.stopping and slot.fail_reason:
+            what = slot.fail_reason
+        elif slot.proc is not None:
+            what = describe_exit(exitcode)
+        else:
+            what = slot.fail_reason or slot.disconnect_reason or "connection lost"
+        # A worker we stopped to abort a task (already settled) charges nobody for its death.
+        culprit = None if slot.stopping else self._running_task(slot, held)
+        quiet = slot.stopping or (not held and self._closing)
+        logger.log(logging.INFO if quiet else logging.WARNING, "lost %s: %s%s",
+                   record.describe(), what,
+                   f"; it was running task {culprit.id}" if culprit is not None else "")
+        poisoned = None
+        if culprit is not None:
+            lost = LostAttempt(culprit.attempt, record.id, record.host, record.pid, exitcode, what)
+            if not self._sched.charge_loss(culprit, lost, self.config.max_retries):
+                poisoned = culprit
+        # Everything else goes back to the front of the queue, in its order: tasks that had not
+        # started, or had finished with their result still in the worker's outgoing batch.
+        for task in reversed(held):
+            if task is not poisoned:
+                self._sched.requeue(task)
+        if culprit is not None and culprit is not poisoned:
+            logger.warning("task %d (%s) will run again (its worker was lost %d time(s); "
+                           "max_retries=%d)", culprit.id,
+                           serialization.describe_callable(culprit.fn), len(culprit.losses or ()),
+                           self._max_retries(culprit))
+        if len(held) > (culprit is not None):
+            logger.info("re-queued %d task(s) that worker %d held besides the one it ran",
+                        len(held) - (culprit is not None), slot.worker_id)
+        if poisoned is not None:
+            self._poisoned(poisoned)
+        if not slot.stopping and record.local and not self._closing:
+            # Workers that keep dying (no task finishing in between) are replaced ever slower.
+            self._crash_streak += 1
+            if self._crash_streak > RESTART_FREE:
+                delay = min(RESTART_BACKOFF * 2 ** (self._crash_streak - RESTART_FREE - 1),
+                            RESTART_BACKOFF_MAX)
+                self._launch_not_before = time.monotonic() + delay
+                logger.info("%d workers lost in a row; next replacement in %.2f s",
+                            self._crash_streak, delay)
+
+    def _max_retries(self, task: Task) -> int:
+        return self.config.max_retries if task.max_retries is None else task.max_retries
+
+    def _poisoned(self, task: Task) -> None:
+        """Fail a task whose workers were lost more often than its max_retries allows."""
+        losses = task.losses or []
+        last = losses[-1]
+        name = serialization.describe_callable(task.fn)
+        lines = "\n".join(f"  - {lost.describe()}" for lost in losses)
+        err = WorkerLostError(
+            f"task {task.id} ({name}) was running on a worker that was lost, "
+            f"{len(losses)} time(s) (max_retries={self._max_retries(task)}), so it is not "
+            f"retried again:\n{lines}\nIf the task itself kills its worker (memory, a crash "
+            "in native code, os._exit), fix the task; otherwise raise max_retries",
+            worker_id=last.worker_id, host=last.host, pid=last.pid, exitcode=last.exitcode,
+            attempts=tuple(losses))
+        logger.error("task %d (%s) failed: its worker was lost %d time(s)", task.id, name,
+                     len(losses))
+        self._sched.fail_task(task)
+        _settle(task.future, False, err)
 
     def _running_task(self, slot: _Slot, held: list[Task]) -> Task | None:
         """Which of a lost worker's tasks it was running: exact for local workers (they publish
@@ -994,6 +1441,9 @@ class Manager:
             _settle(task.future, False, leftover)
         with self.shared.lock:
             self.shared.shutdown = True
+            self.shared.stopped = True
+            self.shared.ready_workers = 0
+            self.shared.changed.notify_all()
         for sock in (self.listener, self._wake_r, self._wake_w):
             try:
                 sock.close()

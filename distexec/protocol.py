@@ -6,8 +6,9 @@ the worker from a blocking socket. Everything here can be tested with plain byte
 Handshake
 =========
 Nothing is unpickled before both sides have proved they hold the executor's key. The key is 32
-random bytes made per executor; every MAC is HMAC-SHA256 over a label and both nonces, so a
-recorded exchange cannot be replayed and neither side can be impersonated by reflecting the other.
+random bytes made per executor unless the user supplies one (at least 16 bytes); every MAC is
+HMAC-SHA256 over a label and both nonces, so a recorded exchange cannot be replayed and neither
+side can be impersonated by reflecting the other.
 
 ====  =========  =========================================================================
 step  direction  bytes (network byte order)
@@ -52,11 +53,30 @@ code    name             direction    meta
 ======  ===============  ===========  ====================================================
 1       CONFIG           M -> W       (config dict,)   worker id, sys.path, initializer
 2       TASKS            M -> W       (definitions, forget, items); see manager/worker
-3       SHUTDOWN         M -> W       ()   finish what you hold, then exit
+3       SHUTDOWN         M -> W       (reason,)   finish what you hold, then exit; reason
+                                      is "" or "replaced" (declared lost, then came back)
 16      READY            W -> M       (pid,)   initializer done, send tasks
 17      INIT_FAILED      W -> M       (error item,)   initializer raised; worker exits
 18      RESULTS          W -> M       (items,)  one item per finished task
+19      LEAVE            W -> M       ()   take no new task; SHUTDOWN me when I hold none
 ======  ===============  ===========  ====================================================
+
+Control channel
+===============
+Each worker opens a second connection, authenticated by the same handshake with
+``"channel": "control"`` in its info. It carries no frames:
+
+* worker to manager: heartbeats. CPython's :mod:`faulthandler` watchdog thread writes a dump of
+  every thread's stack to this socket every heartbeat interval. It is a native thread that needs
+  no GIL, so a worker whose task holds the GIL inside a C call keeps beating, while a frozen
+  (stopped) or unreachable worker falls silent. A Python thread adds a NUL byte per interval as
+  a second source (should a task re-arm faulthandler for itself). The manager treats any byte
+  as a sign of life and keeps the newest dump to show where a timed-out task was.
+* manager to worker: fixed-size commands, ``CONTROL_COMMAND`` = u8 command, i64 task id,
+  i64 attempt. ``ABORT``: if that attempt is running, the worker stops it by exiting (or, when
+  it was started by hand, by restarting itself); if it is still queued there, it is skipped.
+
+When the control connection closes, the worker exits at once: its task manager is gone.
 """
 
 from __future__ import annotations
@@ -246,6 +266,7 @@ SHUTDOWN = 3
 READY = 16
 INIT_FAILED = 17
 RESULTS = 18
+LEAVE = 19
 KIND_NAMES = {
     CONFIG: "CONFIG",
     TASKS: "TASKS",
@@ -253,7 +274,14 @@ KIND_NAMES = {
     READY: "READY",
     INIT_FAILED: "INIT_FAILED",
     RESULTS: "RESULTS",
+    LEAVE: "LEAVE",
 }
+
+# ---------------------------------------------------------------------------- control channel
+CONTROL_COMMAND = struct.Struct("!Bqq")
+ABORT = 1
+# The worker's second source of heartbeats (faulthandler's dumps are ASCII, never NUL).
+BEAT = b"\0"
 
 Buffer = bytes | bytearray | memoryview
 

@@ -6,14 +6,17 @@ here. The task manager thread is the only caller; tests drive it directly.
 Task states::
 
     QUEUED ──► ASSIGNED ──► DONE
-      │  ▲        ├───────► FAILED (raised, could not be pickled, or its worker died running it)
-      │  └────────┤ (worker lost before it ran: back to the front of the queue)
-      │           └───────► CANCELLED (the executor was terminated)
-      └──────────────────► CANCELLED (future cancelled before dispatch) / FAILED (broken)
+      │  ▲        ├───────► FAILED (raised, could not be pickled, ran past its time limit, or
+      │  │        │                 its workers were lost more than max_retries times)
+      │  └────────┤ (its worker was lost: back to the front of the queue)
+      │           └───────► CANCELLED (aborted, or the executor was terminated)
+      └──────────────────► CANCELLED (future cancelled or aborted before dispatch) / FAILED
 
 ASSIGNED means "sent to a worker": the worker may be running it or holding it in its prefetch
 queue. Every assignment increments the task's ``attempt``; a result must quote the attempt it
-belongs to, so a late result from an abandoned attempt is recognised and dropped.
+belongs to, so a late result from an abandoned attempt is recognised and dropped. Each loss of
+the worker that was *running* a task is recorded on the task (:meth:`Scheduler.charge_loss`);
+tasks that were only prefetched go back without a charge.
 
 Worker states::
 
@@ -30,7 +33,9 @@ A worker is sent more than one task at a time only when tasks are short: the win
 that what a worker holds beyond its running task amounts to about ``PREFETCH_TARGET`` seconds of
 work (by a moving average of the durations it reported). Long tasks are therefore handed out one
 at a time (nothing hoarded, nothing to re-run when a worker dies), while no-op tasks travel in
-batches of up to ``MAX_WINDOW``.
+batches of up to ``MAX_WINDOW``. A task with a time limit goes only to a worker that holds
+nothing else, and that worker gets nothing more until it is done, so that the time it has been
+assigned is the time it has been running.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
+
+from .errors import LostAttempt
 
 __all__ = ["Scheduler", "Task", "TaskKind", "TaskState", "WorkerRecord", "WorkerState"]
 
@@ -106,7 +113,8 @@ class InvalidTransition(RuntimeError):
 class Task:
     """One unit of work. Created in the caller's thread, owned by the manager thread after that."""
 
-    __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id")
+    __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
+                 "time_limit", "max_retries", "losses")
 
     def __init__(
         self,
@@ -116,6 +124,8 @@ class Task:
         args: Any,
         kwargs: dict[str, Any] | None,
         kind: TaskKind = TaskKind.CALL,
+        time_limit: float | None = None,
+        max_retries: int | None = None,
     ) -> None:
         self.id = task_id
         self.future = future
@@ -126,6 +136,9 @@ class Task:
         self.state = TaskState.QUEUED
         self.attempt = 0
         self.worker_id: int | None = None
+        self.time_limit = time_limit  # seconds, or None
+        self.max_retries = max_retries  # None: the executor's default
+        self.losses: list[LostAttempt] | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} attempt={self.attempt}>"
@@ -147,7 +160,8 @@ class WorkerRecord:
 
     __slots__ = (
         "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma",
-        "started_at", "connected_at", "info", "exitcode", "reason",
+        "started_at", "connected_at", "info", "exitcode", "reason", "limited", "local",
+        "tasks_done",
     )
 
     def __init__(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> None:
@@ -164,6 +178,9 @@ class WorkerRecord:
         self.info: dict[str, Any] = {}
         self.exitcode: int | None = None
         self.reason: str | None = None
+        self.limited = 0  # assigned tasks with a time limit (such a worker takes nothing more)
+        self.local = True  # started by this executor (False: joined by hand)
+        self.tasks_done = 0
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state.value} host={self.host} pid={self.pid}>"
@@ -176,6 +193,8 @@ class WorkerRecord:
     @property
     def window(self) -> int:
         """How many tasks this worker may hold at once (running + prefetched)."""
+        if self.limited:
+            return 1
         if self.ewma is None or self.ewma >= PREFETCH_TARGET:
             window = 1
         else:
@@ -209,15 +228,19 @@ class Scheduler:
         """True while any task is queued or assigned."""
         return bool(self.tasks)
 
+    def _unassign(self, task: Task) -> None:
+        worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
+        if worker is not None and worker.assigned.pop(task.id, None) is not None:
+            if task.time_limit is not None:
+                worker.limited -= 1
+            if worker.state is WorkerState.BUSY and not worker.assigned:
+                worker.transition(WorkerState.IDLE)
+
     def _finish(self, task: Task, state: TaskState) -> None:
         task.transition(state)
         del self.tasks[task.id]
         if task.worker_id is not None:
-            worker = self.workers.get(task.worker_id)
-            if worker is not None:
-                worker.assigned.pop(task.id, None)
-                if worker.state is WorkerState.BUSY and not worker.assigned:
-                    worker.transition(WorkerState.IDLE)
+            self._unassign(task)
         task.release()
         if state is TaskState.DONE:
             self.finished += 1
@@ -247,11 +270,13 @@ class Scheduler:
         ):
             return None
         worker = self.workers.get(worker_id)
-        if worker is not None and duration >= 0:
-            worker.ewma = (
-                duration if worker.ewma is None
-                else EWMA_ALPHA * duration + (1 - EWMA_ALPHA) * worker.ewma
-            )
+        if worker is not None:
+            worker.tasks_done += 1
+            if duration >= 0:
+                worker.ewma = (
+                    duration if worker.ewma is None
+                    else EWMA_ALPHA * duration + (1 - EWMA_ALPHA) * worker.ewma
+                )
         self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
         return task
 
@@ -281,9 +306,7 @@ class Scheduler:
 
     def requeue(self, task: Task) -> None:
         """Put an assigned task back at the front of the queue (its worker was lost first)."""
-        worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
-        if worker is not None:
-            worker.assigned.pop(task.id, None)
+        self._unassign(task)
         task.transition(TaskState.QUEUED)
         task.worker_id = None
         self.queue.appendleft(task)
@@ -291,6 +314,25 @@ class Scheduler:
     def fail_task(self, task: Task) -> None:
         """Settle an assigned task as failed (its worker was lost)."""
         self._finish(task, TaskState.FAILED)
+
+    def stop_task(self, task: Task, state: TaskState) -> None:
+        """Settle a queued or assigned task as CANCELLED (aborted) or FAILED (time limit)."""
+        if task.state is TaskState.QUEUED:
+            try:
+                self.queue.remove(task)
+            except ValueError:
+                pass
+        self._finish(task, state)
+
+    @staticmethod
+    def charge_loss(task: Task, lost: LostAttempt, default_max_retries: int) -> bool:
+        """Record that ``task`` was running on a worker that was lost. True: it may run again;
+        False: it was lost more than its ``max_retries`` allows (a poison task)."""
+        if task.losses is None:
+            task.losses = []
+        task.losses.append(lost)
+        limit = default_max_retries if task.max_retries is None else task.max_retries
+        return len(task.losses) <= limit
 
     def forget_worker(self, worker_id: int) -> None:
         self.workers.pop(worker_id, None)
@@ -322,13 +364,16 @@ class Scheduler:
             for worker in ready:
                 task = None
                 while queue:
-                    candidate = queue.popleft()
+                    candidate = queue[0]
+                    if candidate.time_limit is not None and worker.assigned:
+                        break  # it needs a worker of its own; this one holds tasks
+                    queue.popleft()
                     if candidate.attempt or claim(candidate):
                         task = candidate
                         break
                     self._finish(candidate, TaskState.CANCELLED)
                 if task is None:
-                    break
+                    continue
                 task.transition(TaskState.ASSIGNED)
                 task.attempt += 1
                 task.worker_id = worker.id
@@ -337,9 +382,11 @@ class Scheduler:
                 batches.setdefault(worker.id, []).append(task)
                 if worker.state is WorkerState.IDLE:
                     worker.transition(WorkerState.BUSY)
+                if task.time_limit is not None:
+                    worker.limited += 1  # nothing more for this worker while it runs
                 if worker.max_tasks is not None and worker.tasks_sent >= worker.max_tasks:
                     worker.transition(WorkerState.DRAINING)
-                elif len(worker.assigned) < windows[worker.id]:
+                elif not worker.limited and len(worker.assigned) < windows[worker.id]:
                     still.append(worker)
             ready = still
         return [(self.workers[wid], tasks) for wid, tasks in batches.items()]

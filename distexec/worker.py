@@ -12,21 +12,34 @@ Threads:
   * ``distexec-flusher`` sends results that have waited ``FLUSH_MAX_DELAY`` in the outgoing
     batch while a longer task runs (armed only when results are held back, so the round trip of
     a lone task never involves it).
+  * ``distexec-control`` owns the second, *control* connection (see :mod:`distexec.protocol`).
+    It arms :mod:`faulthandler`'s watchdog to write a stack dump to that socket every heartbeat
+    interval: a native thread, so heartbeats continue while a task holds the GIL in a C call,
+    and stop when the process is frozen. It also adds a NUL byte per interval, receives
+    ``ABORT`` commands, and sends ``LEAVE`` when the worker is asked to leave (SIGTERM, or
+    Ctrl-C for a worker started by hand). When the control connection closes, the task manager
+    is gone and the worker exits at once, even in the middle of a task.
   * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
     when the process that started the worker dies, even by SIGKILL; the worker then exits.
 
+Aborting the running task: a worker the executor started exits (``EXIT_ABORTED``) and the
+executor starts a fresh one; a worker started by hand re-executes itself with its original
+command line, so it rejoins as a fresh worker and the pool keeps its size.
+
 This module never imports the manager, the executor or paramiko.
 
-Exit codes: 0 normal shutdown, 3 handshake failed or refused, 4 lost the task manager,
-5 the initializer raised, 2 bad command line.
+Exit codes: 0 normal shutdown or left, 2 bad command line, 3 handshake failed or refused,
+4 lost the task manager, 5 the initializer raised, 6 stopped to abort its task.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -47,6 +60,7 @@ EXIT_USAGE = 2
 EXIT_HANDSHAKE = 3
 EXIT_MANAGER_LOST = 4
 EXIT_INITIALIZER = 5
+EXIT_ABORTED = 6
 
 # Payloads above this travel as separate frame buffers instead of inside the meta pickle, which
 # saves one copy of large results.
@@ -83,6 +97,18 @@ def worker_info(worker_id: int | None) -> dict[str, Any]:
         "distexec": __version__,
         "cpus": os.cpu_count() or 1,
     }
+
+
+def set_keepalive(sock: socket.socket, idle: int = 30) -> None:
+    """Let the kernel notice a peer host that vanished (no GIL needed, no traffic when idle)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -144,6 +170,12 @@ class Worker:
 
     def __init__(self, sock: socket.socket, worker_id: int, progress: Any = None) -> None:
         self.sock = sock
+        # Set by main(): how to reach the manager again for the control connection, and how to
+        # restart this process (None for workers the executor started: they just exit).
+        self.address: tuple[str, int] | None = None
+        self.key = b""
+        self.heartbeat_interval: float | None = None
+        self.restart_argv: list[str] | None = None
         self.progress = progress  # shared memory the local manager reads after a crash
         self.worker_id = worker_id
         self.host = socket.gethostname()
@@ -158,6 +190,14 @@ class Worker:
         self.fns: dict[int, Any] = {}  # fn_id -> callable, or bytes until first use
         self.once: set[int] = set()  # fn_ids to forget after their task ran
         self.outbox = _Outbox()
+        # The running task and the ones the manager aborted before they started; the control
+        # thread reads and writes them under run_lock, the main thread under it too.
+        self.run_lock = threading.Lock()
+        self.current: tuple[int, int] | None = None
+        self.skip: set[tuple[int, int]] = set()
+        self.leaving = False
+        self.leave_r, self.leave_w = os.pipe()
+        self.control: socket.socket | None = None
 
     # -- I/O -----------------------------------------------------------------------------
     def send(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
@@ -238,6 +278,9 @@ class Worker:
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> int:
         threading.Thread(target=self.flusher, name="distexec-flusher", daemon=True).start()
+        if self.address is not None and self.heartbeat_interval is not None:
+            threading.Thread(target=self.control_loop, name="distexec-control",
+                             daemon=True).start()
         frame = self.next_frame()
         if frame.kind != protocol.CONFIG:
             raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
@@ -260,6 +303,11 @@ class Worker:
             if frame.kind == protocol.TASKS:
                 self.run_batch(frame)
             elif frame.kind == protocol.SHUTDOWN:
+                reason = frame.meta[0] if frame.meta else ""
+                if reason == "replaced":
+                    logger.warning("%s: the task manager declared this worker lost (it missed "
+                                   "its heartbeats) and replaced it; exiting. Its late results "
+                                   "are dropped", self.where())
                 self.flush()
                 self.close()
                 return EXIT_OK
@@ -275,6 +323,9 @@ class Worker:
         with self.out_cond:
             self.closing = True
             self.out_cond.notify()
+        if self.control is not None:
+            # The watchdog writes to the control socket's fd: stop it before anything closes.
+            faulthandler.cancel_dump_traceback_later()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -313,12 +364,19 @@ class Worker:
     def run_task(
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
     ) -> None:
+        key = (task_id, attempt)
+        with self.run_lock:
+            if key in self.skip:
+                self.skip.discard(key)  # aborted before it started: the manager expects nothing
+                return
+            self.current = key
         progress = self.progress
         if progress is not None:
             _PROGRESS.pack_into(progress, 0, task_id, attempt)
         try:
             self._run_task(task_id, attempt, fn_id, kind, payload, oob)
         finally:
+            self.current = None
             if progress is not None:
                 _PROGRESS.pack_into(progress, 0, 0, 0)
 
@@ -366,6 +424,93 @@ class Worker:
             return
         inline, bufs, size = _pack(data, bufs)
         self.add_result((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
+
+    # -- control channel (distexec-control thread) -----------------------------------------
+    def control_loop(self) -> None:
+        """Control thread: heartbeats, ABORT commands, LEAVE requests, manager loss."""
+        assert self.address is not None and self.heartbeat_interval is not None
+        interval = self.heartbeat_interval
+        try:
+            sock = socket.create_connection(self.address, timeout=30)
+            info = worker_info(self.worker_id)
+            info.update(channel="control", main_thread=threading.main_thread().ident)
+            client_handshake(sock, self.key, info)
+        except (OSError, HandshakeError, ProtocolError) as exc:
+            if not self.closing:
+                logger.error("%s: could not open the control connection (%s); exiting",
+                             self.where(), exc)
+                _flush_std_streams()
+                os._exit(EXIT_MANAGER_LOST)
+            return
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Bound how long the watchdog can block writing to a peer that stopped reading, so that
+        # cancelling it (which joins it) cannot hang.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
+        set_keepalive(sock)
+        with self.out_cond:
+            if self.closing:
+                sock.close()
+                return
+            self.control = sock
+            faulthandler.dump_traceback_later(interval, repeat=True, file=sock)
+        buf = b""
+        size = protocol.CONTROL_COMMAND.size
+        while True:
+            try:
+                ready, _, _ = select.select([sock.fileno(), self.leave_r], [], [], interval)
+                if self.leave_r in ready:
+                    os.read(self.leave_r, 64)
+                    self.send(protocol.LEAVE, ())
+                if sock.fileno() in ready:
+                    data = sock.recv(4096)
+                    if not data:
+                        break
+                    buf += data
+                    while len(buf) >= size:
+                        command, task_id, attempt = protocol.CONTROL_COMMAND.unpack(buf[:size])
+                        buf = buf[size:]
+                        if command == protocol.ABORT:
+                            self.abort(task_id, attempt)
+                elif not ready:
+                    sock.send(protocol.BEAT)
+            except OSError:
+                break
+        if not self.closing:
+            # The task manager is gone; whatever runs here is of no use to anyone.
+            _flush_std_streams()
+            os._exit(EXIT_MANAGER_LOST)
+
+    def abort(self, task_id: int, attempt: int) -> None:
+        """Control thread: stop the task if it runs, else make sure it never starts."""
+        with self.run_lock:
+            if self.current != (task_id, attempt):
+                self.skip.add((task_id, attempt))
+                return
+        logger.warning("%s: task %d was aborted by the task manager; %s", self.where(), task_id,
+                       "restarting this worker" if self.restart_argv is not None else "exiting")
+        _flush_std_streams()
+        if self.restart_argv is not None:
+            faulthandler.cancel_dump_traceback_later()
+            try:
+                os.execv(sys.executable, [sys.executable, "-m", "distexec.worker",
+                                          *self.restart_argv])
+            except OSError as exc:
+                logger.error("could not restart the worker: %s", exc)
+        os._exit(EXIT_ABORTED)
+
+    def request_leave(self) -> None:
+        """Signal handler (main thread): finish the tasks held, take no new one, exit.
+
+        A second request exits at once.
+        """
+        if self.leaving:
+            _flush_std_streams()
+            os._exit(EXIT_OK)
+        self.leaving = True
+        logger.warning("%s: leaving after the tasks it holds (signal again to exit now)",
+                       self.where())
+        os.write(self.leave_w, b"L")
 
     def report_error(
         self, task_id: int, attempt: int, exc: BaseException, duration: float, note: str | None
@@ -433,7 +578,22 @@ def _read_key(args: argparse.Namespace) -> bytes:
     return key
 
 
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect, retrying refused or unreachable attempts with a backoff until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=max(1.0, timeout))
+        except OSError:
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)  # nothing to wait on but time: the manager is not listening yet
+        delay = min(delay * 2, 2.0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m distexec.worker",
                                      description="Run a distexec worker.")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT")
@@ -441,13 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-stdin", action="store_true",
                         help="read the key from the first line of stdin; exit when stdin closes")
     parser.add_argument("--key-file", default=None)
-    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--connect-timeout", type=float, default=30.0,
+                        help="keep trying to reach the task manager this long (seconds)")
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="distexec worker: %(message)s")
-    # Ctrl-C in a terminal reaches the whole process group; it is meant for the user's program,
-    # whose executor decides what happens to running tasks. Workers do not die of it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started_by_executor = args.worker_id is not None
+    logging.basicConfig(level=logging.WARNING if started_by_executor else logging.INFO,
+                        format="distexec worker: %(message)s")
+    if started_by_executor:
+        # Ctrl-C in a terminal reaches the whole process group; it is meant for the user's
+        # program, whose executor decides what happens to running tasks.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         key = _read_key(args)
         host, port = _parse_address(args.connect)
@@ -458,11 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_lifeline, args=(sys.stdin,), name="distexec-lifeline",
                          daemon=True).start()
     try:
-        sock = socket.create_connection((host, port), timeout=args.connect_timeout)
+        sock = _connect(host, port, args.connect_timeout)
     except OSError as exc:
-        logger.error("cannot connect to the task manager at %s:%d: %s", host, port, exc)
+        logger.error("cannot connect to the task manager at %s:%d (kept trying for %g s): %s. "
+                     "Check the address, that the executor is running and listens on an "
+                     "address this host can reach (listen=...), and firewalls", host, port,
+                     args.connect_timeout, exc)
         return EXIT_MANAGER_LOST
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive(sock)
     try:
         welcome = client_handshake(sock, key, worker_info(args.worker_id))
     except (HandshakeError, ProtocolError, OSError) as exc:
@@ -478,14 +646,28 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             progress = None
     worker = Worker(sock, int(welcome["worker_id"]), progress)
+    worker.address = (host, port)
+    worker.key = key
+    interval = welcome.get("heartbeat_interval")
+    worker.heartbeat_interval = float(interval) if interval else None
+    if not started_by_executor:
+        worker.restart_argv = argv
+        logger.info("joined the executor at %s:%d as worker %d", host, port, worker.worker_id)
+    # SIGTERM asks any worker to leave gracefully; so does Ctrl-C one started by hand.
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.request_leave())
+    if not started_by_executor:
+        signal.signal(signal.SIGINT, lambda signum, frame: worker.request_leave())
     try:
-        return worker.run()
+        code = worker.run()
     except (OSError, ProtocolError, pickle.UnpicklingError) as exc:
         if worker.closing:
             return EXIT_OK
         if not isinstance(exc, ConnectionError):
             logger.error("worker %d: %s", worker.worker_id, exc)
         return EXIT_MANAGER_LOST
+    if not started_by_executor and code == EXIT_OK:
+        logger.info("worker %d left the executor", worker.worker_id)
+    return code
 
 
 if __name__ == "__main__":

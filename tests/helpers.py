@@ -1,5 +1,6 @@
 """Test helpers importable by workers too (tests/ is on the client's sys.path, which local
-workers inherit). Functions here are pickled by reference."""
+workers inherit; hand-started workers get it on PYTHONPATH). Functions here are pickled by
+reference."""
 
 from __future__ import annotations
 
@@ -148,3 +149,77 @@ def wait_for_pid_gone(pid: int, timeout: float) -> bool:
 
 def now() -> float:
     return time.monotonic()
+
+
+def hold_gil(seconds: float) -> int:
+    """Task: block inside a C call *without releasing the GIL* (ctypes.PyDLL keeps it), so no
+    Python thread of the worker can run meanwhile. Returns the worker's pid."""
+    import ctypes
+
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+    return os.getpid()
+
+
+def crash_once(marker: str, value: object) -> object:
+    """Task: the first attempt kills its worker (and leaves a marker); a retry returns value."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+def spin_square(x: int) -> int:
+    """Task: about a millisecond of CPU, then x * x."""
+    deadline = time.perf_counter() + 0.001
+    while time.perf_counter() < deadline:
+        pass
+    return x * x
+
+
+class LogWatch:
+    """A logging handler that lets a test wait for a message (no sleeping, bounded)."""
+
+    def __init__(self, logger_name: str = "distexec") -> None:
+        import logging
+
+        self._logging = logging
+        self.records: list[str] = []
+        self._cond = threading.Condition()
+        self._handler = logging.Handler(level=logging.DEBUG)
+        self._handler.emit = self._emit  # type: ignore[method-assign]
+        self._logger = logging.getLogger(logger_name)
+        self._old_level = self._logger.level
+
+    def _emit(self, record) -> None:
+        with self._cond:
+            self.records.append(record.getMessage())
+            self._cond.notify_all()
+
+    def __enter__(self) -> "LogWatch":
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(self._logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._old_level)
+
+    def matching(self, text: str) -> list[str]:
+        with self._cond:
+            return [r for r in self.records if text in r]
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        with self._cond:
+            if not self._cond.wait_for(lambda: any(text in r for r in self.records), timeout):
+                raise TimeoutError(f"no log message containing {text!r}; got {self.records}")
+            return next(r for r in self.records if text in r)
+
+
+def worker_running(executor, future) -> object:
+    """The WorkerInfo of the worker holding ``future``'s task (None if none)."""
+    task_id = future._distexec_task_id
+    for info in executor.workers():
+        if task_id in info.held:
+            return info
+    return None

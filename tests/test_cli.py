@@ -34,9 +34,11 @@ def test_worker_without_key_explains(python_env):
 
 def test_worker_with_unreachable_manager_explains(python_env):
     env = dict(python_env, DISTEXEC_KEY="00" * 32)
-    proc = run("-m", "distexec.worker", "--connect", "127.0.0.1:1", env=env)
+    proc = run("-m", "distexec.worker", "--connect", "127.0.0.1:1", "--connect-timeout", "0.3",
+               env=env)
     assert proc.returncode == 4
     assert "cannot connect to the task manager at 127.0.0.1:1" in proc.stderr
+    assert "kept trying for 0.3 s" in proc.stderr
 
 
 def test_worker_rejects_a_bad_address(python_env):
