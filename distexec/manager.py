@@ -91,6 +91,8 @@ RESTART_BACKOFF = 0.1
 RESTART_BACKOFF_MAX = 10.0
 # Newest control-channel bytes kept per worker (the last stack dump, for time-limit errors).
 DUMP_KEEP = 32 * 1024
+# How long a task past its time limit may take to report its stack before it is stopped.
+DUMP_WAIT = 0.5
 # How many function definitions each worker keeps; older ones are told to be forgotten.
 WORKER_FN_CAPACITY = 256
 # Payloads above this go as separate frame buffers (saves a copy of large arguments).
@@ -210,7 +212,8 @@ class _Slot:
 
     __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
                  "fail_reason", "disconnect_reason", "ctrl", "last_seen", "lost_reason",
-                 "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at")
+                 "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at",
+                 "on_dump")
 
     def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
         self.worker_id = worker_id
@@ -230,6 +233,7 @@ class _Slot:
         self.main_thread: int | None = None  # the worker's main thread id, as in the dumps
         self.zombie = False  # declared lost, connections kept to drop what it still sends
         self.lost_at = 0.0
+        self.on_dump: Callable[[], None] | None = None  # waiting for a requested stack dump
 
     def main_stack(self) -> str | None:
         """The worker's main-thread stack from its newest complete dump, or None."""
@@ -245,7 +249,7 @@ class _Slot:
             end = dump.find("\n\n", at)
             lines = []
             for line in dump[at:end if end >= 0 else len(dump)].splitlines()[1:]:
-                if _WORKER_FRAME in line:
+                if _WORKER_FRAME in line or line.startswith("End of requested dump"):
                     break  # distexec's own frames below the task's: not of interest
                 lines.append(line)
             return "\n".join(lines) if lines else None
@@ -270,8 +274,9 @@ class Manager:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._wake_pending = False
+        family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
         self.listener = socket.create_server((config.listen_host, config.listen_port),
-                                             backlog=128)
+                                             family=family, backlog=128)
         self.listener.setblocking(False)
         host, port = self.listener.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -460,6 +465,7 @@ class Manager:
             self._sched.drain(record.id)
             if not record.assigned and not slot.shutdown_sent:
                 self._send_shutdown(slot)
+        self._publish()
 
     def _launch(self) -> None:
         worker_id = next(self._worker_ids)
@@ -736,6 +742,9 @@ class Manager:
             if len(dump) > DUMP_KEEP:
                 dump = dump[-DUMP_KEEP:]
             slot.dump = dump
+            if slot.on_dump is not None and protocol.DUMP_END in data:
+                callback, slot.on_dump = slot.on_dump, None
+                callback()
         if slot.zombie:
             self._zombie_alive(slot)
 
@@ -983,6 +992,7 @@ class Manager:
                              partial(self._time_limit_expired, task, task.attempt))
             if record.state is WorkerState.DRAINING:
                 # max_tasks_per_child reached: start its successor now to hide the startup time.
+                self._publish()
                 self._ensure_workers()
                 if not record.assigned and not slot.shutdown_sent:
                     self._send_shutdown(slot)
@@ -1000,11 +1010,21 @@ class Manager:
         self._stop_task(task, TaskState.CANCELLED, None)
         return True
 
-    def _time_limit_expired(self, task: Task, attempt: int) -> None:
+    def _time_limit_expired(self, task: Task, attempt: int, dumped: bool = False) -> None:
         if task.state is not TaskState.ASSIGNED or task.attempt != attempt:
             return
         assert task.time_limit is not None and task.worker_id is not None
         slot = self._slots.get(task.worker_id)
+        if not dumped and slot is not None and slot.ctrl is not None and slot.on_dump is None:
+            # Ask where it is first; stop it when the dump arrives, or after DUMP_WAIT anyway
+            # (a task holding the GIL cannot answer; the last heartbeat dump is used then).
+            final = partial(self._time_limit_expired, task, attempt, True)
+            if self._send_control(slot, protocol.DUMP, task.id, attempt):
+                slot.on_dump = final
+                self._at(time.monotonic() + DUMP_WAIT, final)
+                return
+        if slot is not None:
+            slot.on_dump = None
         record = self._sched.workers.get(task.worker_id)
         where = record.describe() if record is not None else f"worker {task.worker_id}"
         stack = slot.main_stack() if slot is not None else None

@@ -75,6 +75,9 @@ Each worker opens a second connection, authenticated by the same handshake with
 * manager to worker: fixed-size commands, ``CONTROL_COMMAND`` = u8 command, i64 task id,
   i64 attempt. ``ABORT``: if that attempt is running, the worker stops it by exiting (or, when
   it was started by hand, by restarting itself); if it is still queued there, it is skipped.
+  ``DUMP``: write a stack dump now, between ``DUMP_BEGIN`` and ``DUMP_END`` lines (the
+  manager asks for one before stopping a task that ran past its time limit, to say where it
+  was; while the task holds the GIL the answer waits, and the manager does not wait long).
 
 When the control connection closes, the worker exits at once: its task manager is gone.
 """
@@ -280,6 +283,9 @@ KIND_NAMES = {
 # ---------------------------------------------------------------------------- control channel
 CONTROL_COMMAND = struct.Struct("!Bqq")
 ABORT = 1
+DUMP = 2
+DUMP_BEGIN = b"Timeout (requested)!\n"
+DUMP_END = b"End of requested dump.\n"
 # The worker's second source of heartbeats (faulthandler's dumps are ASCII, never NUL).
 BEAT = b"\0"
 

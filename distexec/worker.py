@@ -71,6 +71,9 @@ FLUSH_MAX_BYTES = 1024 * 1024
 FLUSH_MAX_DELAY = 0.005
 
 KEY_ENV = "DISTEXEC_KEY"
+# Upper bound on waiting for the control connection before running user code (it normally
+# takes one round trip; if it fails, the control thread ends the process anyway).
+CONTROL_SETUP_TIMEOUT = 30.0
 # Layout of the progress region shared with a local task manager: (task id, attempt), zeros
 # between tasks. Must match distexec.launchers.local.PROGRESS (the worker does not import it).
 _PROGRESS = struct.Struct("=qq")
@@ -198,6 +201,9 @@ class Worker:
         self.leaving = False
         self.leave_r, self.leave_w = os.pipe()
         self.control: socket.socket | None = None
+        # Set once heartbeats flow: user code (even the initializer) runs only after that, so
+        # that a first task holding the GIL cannot starve the control thread's handshake.
+        self.control_ready = threading.Event()
 
     # -- I/O -----------------------------------------------------------------------------
     def send(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
@@ -282,6 +288,8 @@ class Worker:
             threading.Thread(target=self.control_loop, name="distexec-control",
                              daemon=True).start()
         frame = self.next_frame()
+        if self.address is not None and self.heartbeat_interval is not None:
+            self.control_ready.wait(CONTROL_SETUP_TIMEOUT)
         if frame.kind != protocol.CONFIG:
             raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
         config: dict[str, Any] = frame.meta[0]
@@ -454,6 +462,7 @@ class Worker:
                 return
             self.control = sock
             faulthandler.dump_traceback_later(interval, repeat=True, file=sock)
+        self.control_ready.set()
         buf = b""
         size = protocol.CONTROL_COMMAND.size
         while True:
@@ -472,6 +481,10 @@ class Worker:
                         buf = buf[size:]
                         if command == protocol.ABORT:
                             self.abort(task_id, attempt)
+                        elif command == protocol.DUMP:
+                            sock.sendall(protocol.DUMP_BEGIN)
+                            faulthandler.dump_traceback(file=sock, all_threads=True)
+                            sock.sendall(protocol.DUMP_END)
                 elif not ready:
                     sock.send(protocol.BEAT)
             except OSError:

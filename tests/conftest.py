@@ -67,6 +67,32 @@ def python_env():
     return env
 
 
+@pytest.fixture
+def hand_workers(python_env):
+    """Start workers by hand (``distexec worker``) for an executor; stopped after the test."""
+    procs = []
+    env = dict(python_env)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env["PYTHONPATH"]])
+
+    def start(executor, n=1, *extra):
+        """Start ``n`` workers joining ``executor`` (key in DISTEXEC_KEY); returns the Popens."""
+        import subprocess
+
+        env["DISTEXEC_KEY"] = executor.key.hex()
+        for _ in range(n):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distexec.cli", "worker", executor.address, *extra],
+                env=env, stdin=subprocess.DEVNULL))
+        return procs[-n:]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_leaks: skip the thread/process leak check")
 

@@ -215,6 +215,13 @@ class LogWatch:
                 raise TimeoutError(f"no log message containing {text!r}; got {self.records}")
             return next(r for r in self.records if text in r)
 
+    def wait_count(self, predicate, n: int, timeout: float = 30.0) -> list[str]:
+        """Wait until at least ``n`` messages satisfy ``predicate``; return those messages."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: sum(map(predicate, self.records)) >= n, timeout):
+                raise TimeoutError(f"fewer than {n} matching log messages; got {self.records}")
+            return [r for r in self.records if predicate(r)]
+
 
 def worker_running(executor, future) -> object:
     """The WorkerInfo of the worker holding ``future``'s task (None if none)."""

@@ -159,32 +159,6 @@ def test_a_task_holding_the_gil_past_the_heartbeat_timeout_is_not_lost():
         assert not log.matching("lost worker")
 
 
-@pytest.fixture
-def hand_workers(python_env):
-    """Start workers by hand (``distexec worker``) for an executor; stopped after the test."""
-    procs = []
-    env = dict(python_env)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env["PYTHONPATH"]])
-
-    def start(executor, n=1, *extra):
-        import subprocess
-        import sys
-
-        env["DISTEXEC_KEY"] = executor.key.hex()
-        for _ in range(n):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distexec.cli", "worker", executor.address, *extra],
-                env=env, stdin=subprocess.DEVNULL))
-        return procs[-n:]
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def test_frozen_hand_worker_comes_back_and_its_late_result_is_dropped(hand_workers):
     with LogWatch() as log, DistributedExecutor(
             max_workers=0, listen="127.0.0.1:0", heartbeat_timeout=1.0) as ex, Gate() as gate:
@@ -243,3 +217,12 @@ def test_hand_worker_that_vanishes_has_its_task_rerun(hand_workers):
         gate.open()
         assert sorted(f.result() for f in futures) == [0, 1]
         assert gate.arrived == 3  # the lost task ran again, on the local worker
+
+
+def test_an_initializer_holding_the_gil_past_the_heartbeat_timeout_is_not_lost():
+    # The worker opens its control connection (and arms the watchdog) before user code runs.
+    with LogWatch() as log, DistributedExecutor(max_workers=1, heartbeat_timeout=0.5,
+                                                initializer=hold_gil, initargs=(2.5,)) as ex:
+        assert ex.submit(square, 6).result() == 36
+        assert not log.matching("declaring")
+        assert not log.matching("lost") and not log.matching("could not start")
