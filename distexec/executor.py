@@ -17,6 +17,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -492,7 +493,7 @@ class DistributedExecutor(Executor):
         while True:
             try:
                 return reply.result(timeout=1.0)
-            except TimeoutError:
+            except FuturesTimeoutError:  # not the builtin TimeoutError on Python 3.10
                 if not manager.thread.is_alive():
                     return None
 

@@ -213,7 +213,7 @@ class _Slot:
     __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
                  "fail_reason", "disconnect_reason", "ctrl", "last_seen", "lost_reason",
                  "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at",
-                 "on_dump")
+                 "on_dump", "abort_pending", "limit", "limit_timer")
 
     def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
         self.worker_id = worker_id
@@ -234,6 +234,9 @@ class _Slot:
         self.zombie = False  # declared lost, connections kept to drop what it still sends
         self.lost_at = 0.0
         self.on_dump: Callable[[], None] | None = None  # waiting for a requested stack dump
+        self.abort_pending: set[tuple[int, int]] = set()  # ABORTs sent, not yet answered
+        self.limit: tuple[int, int, float] | None = None  # time-limited task, its deadline
+        self.limit_timer = False  # a deadline entry for `limit` is in the heap
 
     def main_stack(self) -> str | None:
         """The worker's main-thread stack from its newest complete dump, or None."""
@@ -535,6 +538,7 @@ class Manager:
                 return
             conn_sock.setblocking(False)
             conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            protocol.set_keepalive(conn_sock)
             conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}", self.config.max_message_size)
             self._conns.add(conn)
             self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
@@ -736,7 +740,10 @@ class Manager:
         if not chunks:
             return
         slot.last_seen = time.monotonic()
-        data = b"".join(chunks).replace(protocol.BEAT, b"")
+        data = b"".join(chunks)
+        if protocol.ACK_MARK in data:  # answers first: they contain NUL bytes themselves
+            data = self._control_acks(slot, data)
+        data = data.replace(protocol.BEAT, b"")
         if data:
             dump = slot.dump + data
             if len(dump) > DUMP_KEEP:
@@ -747,6 +754,29 @@ class Manager:
                 callback()
         if slot.zombie:
             self._zombie_alive(slot)
+
+    def _control_acks(self, slot: _Slot, data: bytes) -> bytes:
+        """Take the workers' answers out of the control stream; return the rest (dump text)."""
+        size = protocol.CONTROL_COMMAND.size
+        rest = []
+        while True:
+            at = data.find(protocol.ACK_MARK)
+            if at < 0 or len(data) < at + 1 + size:
+                rest.append(data)  # an answer split across reads is lost: it only delays
+                break              # dispatch to that worker until it dies or answers again
+            rest.append(data[:at])
+            command, task_id, attempt = protocol.CONTROL_COMMAND.unpack_from(data, at + 1)
+            data = data[at + 1 + size:]
+            if command == protocol.SKIPPED:
+                slot.abort_pending.discard((task_id, attempt))
+                if not slot.abort_pending and not slot.zombie:
+                    # It had not started the aborted task: an ordinary worker again.
+                    slot.stopping = False
+                    slot.fail_reason = None
+                    record = self._sched.workers.get(slot.worker_id)
+                    if record is not None:
+                        record.blocked = False
+        return b"".join(rest)
 
     def _control_closed(self, conn: _Conn, why: str) -> None:
         self._close(conn)
@@ -931,11 +961,6 @@ class Manager:
                         serialization.loads_exception(payload, type_name, message, text))
         slot = self._slots.get(worker_id)
         record = sched.workers.get(worker_id)
-        if slot is not None and slot.stopping:
-            # It answered after an ABORT: the aborted task was only queued there and was
-            # skipped, so a later death is an ordinary loss again.
-            slot.stopping = False
-            slot.fail_reason = None
         if (slot is not None and record is not None and record.state is WorkerState.DRAINING
                 and not record.assigned and not slot.shutdown_sent):
             self._send_shutdown(slot)
@@ -988,8 +1013,13 @@ class Manager:
             self._send_tasks(slot, conn, tasks)
             for task in tasks:
                 if task.time_limit is not None and task.state is TaskState.ASSIGNED:
-                    self._at(time.monotonic() + task.time_limit,
-                             partial(self._time_limit_expired, task, task.attempt))
+                    # Such a task has its worker to itself: one deadline per worker suffices,
+                    # and the heap holds ids, not tasks (a finished task's memory is freed).
+                    expires = time.monotonic() + task.time_limit
+                    slot.limit = (task.id, task.attempt, expires)
+                    if not slot.limit_timer:
+                        slot.limit_timer = True
+                        self._at(expires, partial(self._check_limit, slot))
             if record.state is WorkerState.DRAINING:
                 # max_tasks_per_child reached: start its successor now to hide the startup time.
                 self._publish()
@@ -1010,15 +1040,38 @@ class Manager:
         self._stop_task(task, TaskState.CANCELLED, None)
         return True
 
-    def _time_limit_expired(self, task: Task, attempt: int, dumped: bool = False) -> None:
-        if task.state is not TaskState.ASSIGNED or task.attempt != attempt:
+    def _check_limit(self, slot: _Slot) -> None:
+        """Deadline: has the time-limited task on this worker run past its limit?"""
+        slot.limit_timer = False
+        if self._slots.get(slot.worker_id) is not slot or slot.limit is None:
+            return
+        task_id, attempt, expires = slot.limit
+        task = self._sched.tasks.get(task_id)
+        if (task is None or task.state is not TaskState.ASSIGNED or task.attempt != attempt
+                or task.worker_id != slot.worker_id):
+            slot.limit = None
+            return
+        if time.monotonic() < expires:  # a later task replaced the one this timer was for
+            slot.limit_timer = True
+            self._at(expires, partial(self._check_limit, slot))
+            return
+        self._time_limit_expired(task_id, attempt)
+
+    def _time_limit_expired(self, task_id: int, attempt: int,
+                            asked: _Slot | None = None) -> None:
+        """The limit has passed: ask the worker for its stack (once), then stop the task.
+        ``asked`` is the worker that was asked (the second call, by answer or by DUMP_WAIT)."""
+        if asked is not None:
+            asked.on_dump = None
+        task = self._sched.tasks.get(task_id)
+        if task is None or task.state is not TaskState.ASSIGNED or task.attempt != attempt:
             return
         assert task.time_limit is not None and task.worker_id is not None
         slot = self._slots.get(task.worker_id)
-        if not dumped and slot is not None and slot.ctrl is not None and slot.on_dump is None:
+        if asked is None and slot is not None and slot.ctrl is not None and slot.on_dump is None:
             # Ask where it is first; stop it when the dump arrives, or after DUMP_WAIT anyway
             # (a task holding the GIL cannot answer; the last heartbeat dump is used then).
-            final = partial(self._time_limit_expired, task, attempt, True)
+            final = partial(self._time_limit_expired, task_id, attempt, slot)
             if self._send_control(slot, protocol.DUMP, task.id, attempt):
                 slot.on_dump = final
                 self._at(time.monotonic() + DUMP_WAIT, final)
@@ -1055,9 +1108,13 @@ class Manager:
                                       or slot.ctrl is None):
             self._kill_to_stop(slot, f"stopped by the executor ({how} of task {task.id})")
         elif self._send_control(slot, protocol.ABORT, task.id, attempt):
-            # If it has started meanwhile the worker exits (or restarts): no one is charged.
+            # If it runs the task, the worker exits (or restarts) and no one is charged for
+            # that; if it had not started it, it says so (SKIPPED) and carries on. Until one
+            # or the other, it gets no new task (whose time limit would run meanwhile).
             slot.stopping = True
+            slot.abort_pending.add((task.id, attempt))
             slot.fail_reason = f"stopped by the executor ({how} of task {task.id})"
+            self._sched.workers[slot.worker_id].blocked = True
         else:
             logger.warning("cannot reach worker %d to stop task %d; its result will be dropped",
                            slot.worker_id, task.id)
@@ -1067,6 +1124,7 @@ class Manager:
         slot.stopping = True
         slot.fail_reason = reason
         self._sched.drain(slot.worker_id)  # no new task for a worker about to die
+        self._publish()
         slot.proc.kill()
 
     # ---------------------------------------------------------------- status
@@ -1178,6 +1236,7 @@ class Manager:
     def _send_shutdown(self, slot: _Slot) -> None:
         slot.shutdown_sent = True
         self._sched.drain(slot.worker_id)
+        self._publish()
         if slot.conn is not None:
             self._send_raw(slot.conn, protocol.encode_frame(protocol.SHUTDOWN, ("",)))
         if slot.proc is not None:
@@ -1215,8 +1274,9 @@ class Manager:
             _cancel(task)
         for record in list(self._sched.workers.values()):
             for task in list(record.assigned.values()):
-                self._sched.fail_task(task)
-                force_cancel(task.future)
+                if task.state is TaskState.ASSIGNED:  # a callback may have settled it
+                    self._sched.fail_task(task)
+                    force_cancel(task.future)
         for slot in list(self._slots.values()):
             slot.shutdown_sent = True
             if slot.proc is not None:
@@ -1240,8 +1300,9 @@ class Manager:
             _settle(task.future, False, exc)  # cancelled in the books, failed for the user
         for record in list(self._sched.workers.values()):
             for task in list(record.assigned.values()):
-                self._sched.fail_task(task)
-                _settle(task.future, False, exc)
+                if task.state is TaskState.ASSIGNED:  # a callback may have settled it
+                    self._sched.fail_task(task)
+                    _settle(task.future, False, exc)
         self._terminating = True
         self._closing = True
         for slot in list(self._slots.values()):
@@ -1279,6 +1340,9 @@ class Manager:
             self._finalize(slot)
         else:
             assert slot.proc is not None
+            record = self._sched.workers.get(slot.worker_id)
+            if record is not None:
+                record.blocked = True  # its connection is gone: nothing more can reach it
             # The exit status usually follows within milliseconds; give it a moment so the
             # error can name it, then stop waiting.
             self._at(time.monotonic() + EXIT_GRACE, partial(self._exit_overdue, slot))

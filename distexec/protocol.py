@@ -75,6 +75,8 @@ Each worker opens a second connection, authenticated by the same handshake with
 * manager to worker: fixed-size commands, ``CONTROL_COMMAND`` = u8 command, i64 task id,
   i64 attempt. ``ABORT``: if that attempt is running, the worker stops it by exiting (or, when
   it was started by hand, by restarting itself); if it is still queued there, it is skipped.
+  The worker answers an ``ABORT`` of a task it had not started with ``ACK_MARK`` followed by
+  ``CONTROL_COMMAND(SKIPPED, task id, attempt)`` in its control stream.
   ``DUMP``: write a stack dump now, between ``DUMP_BEGIN`` and ``DUMP_END`` lines (the
   manager asks for one before stopping a task that ran past its time limit, to say where it
   was; while the task holds the GIL the answer waits, and the manager does not wait long).
@@ -118,6 +120,20 @@ STATUS_REFUSED = 3
 
 _LABEL_WORKER = b"distexec-worker"
 _LABEL_MANAGER = b"distexec-manager"
+
+
+def set_keepalive(sock: Any, idle: int = 30) -> None:
+    """Let the kernel notice a peer host that vanished (no GIL needed, no traffic when idle)."""
+    import socket
+
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass
 
 
 def new_key() -> bytes:
@@ -284,6 +300,11 @@ KIND_NAMES = {
 CONTROL_COMMAND = struct.Struct("!Bqq")
 ABORT = 1
 DUMP = 2
+# Worker to manager, inside the control stream: ACK_MARK + CONTROL_COMMAND(SKIPPED, task, attempt)
+# says an aborted task was only queued there and was skipped (the worker lives on). The mark
+# byte never occurs in faulthandler's ASCII dumps.
+SKIPPED = 3
+ACK_MARK = b"\x01"
 DUMP_BEGIN = b"Timeout (requested)!\n"
 DUMP_END = b"End of requested dump.\n"
 # The worker's second source of heartbeats (faulthandler's dumps are ASCII, never NUL).

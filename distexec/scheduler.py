@@ -161,7 +161,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma",
         "started_at", "connected_at", "info", "exitcode", "reason", "limited", "local",
-        "tasks_done",
+        "tasks_done", "blocked",
     )
 
     def __init__(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> None:
@@ -181,6 +181,8 @@ class WorkerRecord:
         self.limited = 0  # assigned tasks with a time limit (such a worker takes nothing more)
         self.local = True  # started by this executor (False: joined by hand)
         self.tasks_done = 0
+        # Sent no new task while set: an ABORT awaits its answer, or the worker is dying.
+        self.blocked = False
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state.value} host={self.host} pid={self.pid}>"
@@ -193,6 +195,8 @@ class WorkerRecord:
     @property
     def window(self) -> int:
         """How many tasks this worker may hold at once (running + prefetched)."""
+        if self.blocked:
+            return 0
         if self.limited:
             return 1
         if self.ewma is None or self.ewma >= PREFETCH_TARGET:

@@ -102,18 +102,6 @@ def worker_info(worker_id: int | None) -> dict[str, Any]:
     }
 
 
-def set_keepalive(sock: socket.socket, idle: int = 30) -> None:
-    """Let the kernel notice a peer host that vanished (no GIL needed, no traffic when idle)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except OSError:
-        pass
-
-
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -455,7 +443,7 @@ class Worker:
         # Bound how long the watchdog can block writing to a peer that stopped reading, so that
         # cancelling it (which joins it) cannot hang.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
-        set_keepalive(sock)
+        protocol.set_keepalive(sock)
         with self.out_cond:
             if self.closing:
                 sock.close()
@@ -480,7 +468,9 @@ class Worker:
                         command, task_id, attempt = protocol.CONTROL_COMMAND.unpack(buf[:size])
                         buf = buf[size:]
                         if command == protocol.ABORT:
-                            self.abort(task_id, attempt)
+                            if not self.abort(task_id, attempt):
+                                sock.sendall(protocol.ACK_MARK + protocol.CONTROL_COMMAND.pack(
+                                    protocol.SKIPPED, task_id, attempt))
                         elif command == protocol.DUMP:
                             sock.sendall(protocol.DUMP_BEGIN)
                             faulthandler.dump_traceback(file=sock, all_threads=True)
@@ -494,16 +484,19 @@ class Worker:
             _flush_std_streams()
             os._exit(EXIT_MANAGER_LOST)
 
-    def abort(self, task_id: int, attempt: int) -> None:
-        """Control thread: stop the task if it runs, else make sure it never starts."""
+    def abort(self, task_id: int, attempt: int) -> bool:
+        """Control thread: stop the task if it runs (the process ends: this never returns);
+        else make sure it never starts and return False."""
         with self.run_lock:
             if self.current != (task_id, attempt):
                 self.skip.add((task_id, attempt))
-                return
+                return False
+        restart = self.restart_argv is not None and not self.leaving
         logger.warning("%s: task %d was aborted by the task manager; %s", self.where(), task_id,
-                       "restarting this worker" if self.restart_argv is not None else "exiting")
+                       "restarting this worker" if restart else "exiting")
         _flush_std_streams()
-        if self.restart_argv is not None:
+        if restart:
+            assert self.restart_argv is not None
             faulthandler.cancel_dump_traceback_later()
             try:
                 os.execv(sys.executable, [sys.executable, "-m", "distexec.worker",
@@ -511,6 +504,7 @@ class Worker:
             except OSError as exc:
                 logger.error("could not restart the worker: %s", exc)
         os._exit(EXIT_ABORTED)
+        return True  # not reached
 
     def request_leave(self) -> None:
         """Signal handler (main thread): finish the tasks held, take no new one, exit.
@@ -643,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.connect_timeout, exc)
         return EXIT_MANAGER_LOST
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    set_keepalive(sock)
+    protocol.set_keepalive(sock)
     try:
         welcome = client_handshake(sock, key, worker_info(args.worker_id))
     except (HandshakeError, ProtocolError, OSError) as exc:

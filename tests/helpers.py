@@ -230,3 +230,14 @@ def worker_running(executor, future) -> object:
         if task_id in info.held:
             return info
     return None
+
+
+class Box:
+    """A weak-referenceable result (to check that nothing keeps finished results alive)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+def make_box(n: int) -> Box:
+    return Box(b"x" * n)

@@ -244,3 +244,35 @@ def test_ctrl_c_inside_submit_leaves_the_executor_usable(executor, where):
             threading.Event().wait(30)
         assert fired
         assert executor.submit(square, 7).result(timeout=30) == 49
+
+
+# ------------------------------------------------------------------------ review regressions
+def test_done_callbacks_that_abort_siblings_during_cancel_running_are_safe():
+    # "When one finishes, stop the rest": the callback runs while shutdown(cancel_running)
+    # is settling futures in the manager thread, and settles a sibling under its feet.
+    with Gate() as gate:
+        ex = DistributedExecutor(max_workers=1)
+        assert list(ex.map(square, range(300))) == [x * x for x in range(300)]  # batching
+        first = ex.submit(wait_gate, gate.address, "a")
+        second = ex.submit(square, 2)
+        gate.wait_arrivals(1)
+        answers = []
+        first.add_done_callback(lambda _: answers.append(ex.abort(second)))
+        ex.shutdown(wait=True, cancel_running=True)
+        assert first.cancelled() and second.cancelled()
+        assert len(answers) == 1
+        assert not ex._broken  # the manager did not crash
+
+
+def test_time_limit_deadlines_do_not_keep_finished_results_alive():
+    import gc
+    import weakref
+
+    from helpers import make_box
+
+    with DistributedExecutor(max_workers=1, time_limit=600) as ex:
+        future = ex.submit(make_box, 1_000_000)
+        ref = weakref.ref(future.result())
+        del future
+        gc.collect()
+        assert ref() is None

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from distexec import DistributedExecutor
+from distexec import DistributedExecutor, TaskTimeoutError
 
 from helpers import Gate, LogWatch, getpid, square, wait_for_pid_gone, wait_gate, worker_running
 
@@ -479,3 +479,35 @@ def test_time_limit_on_a_hand_worker_restarts_it_in_place(hand_workers):
         assert ex.submit(getpid).result(timeout=30) == proc.pid
         assert gate.arrived == 1  # not retried
     assert proc.wait(20) == 0
+
+
+def test_a_leaving_worker_that_is_aborted_exits_instead_of_restarting(hand_workers):
+    with LogWatch() as log, DistributedExecutor(max_workers=0, listen="127.0.0.1:0") as ex, \
+            Gate() as gate:
+        ex.start()
+        (proc,) = hand_workers(ex, 1)
+        ex.wait_for_workers(1, timeout=30)
+        future = ex.submit(wait_gate, gate.address, "x")
+        gate.wait_arrivals(1)
+        proc.send_signal(signal.SIGTERM)
+        log.wait_for("asked to leave")
+        assert ex.abort(future) is True
+        assert proc.wait(20) == 6  # EXIT_ABORTED, not a re-exec that would rejoin
+        assert len(log.matching("joined from")) == 1
+
+
+def test_a_time_limited_task_never_waits_behind_an_abort_in_progress(hand_workers):
+    # The first task holds the GIL past its limit: the worker cannot act on the ABORT until
+    # the call returns. The second, time-limited task must not be sent there meanwhile (its
+    # clock would run while it waits) and must succeed.
+    from helpers import hold_gil
+
+    with DistributedExecutor(max_workers=0, listen="127.0.0.1:0") as ex:
+        ex.start()
+        hand_workers(ex, 1)
+        ex.wait_for_workers(1, timeout=30)
+        stuck = ex.options(time_limit=0.5).submit(hold_gil, 3.0)
+        with pytest.raises(TaskTimeoutError):
+            stuck.result(timeout=30)
+        later = ex.options(time_limit=2.0).submit(square, 3)
+        assert later.result(timeout=30) == 9
