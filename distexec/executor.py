@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
@@ -34,6 +34,8 @@ from .manager import (
     SharedState,
     interpreter_exiting,
 )
+from .launchers.hosts import HostSpec, parse_hosts, read_hosts_file
+from .launchers.ssh import SSHOptions
 from .scheduler import Task, TaskKind
 
 __all__ = ["DistributedExecutor", "TaskOptions", "WorkerInfo"]
@@ -75,7 +77,9 @@ class WorkerInfo:
         pid: its process id on that host.
         state: ``"launching"``, ``"connected"`` (running the initializer), ``"idle"``,
             ``"busy"`` or ``"draining"`` (leaving after the tasks it holds).
-        local: True if this executor started it, False if it joined by hand.
+        local: True if this executor started it on this machine.
+        origin: ``"local"``, the label of the SSH host it was started on, or ``"joined"``
+            (started by hand).
         held: ids of the tasks sent to it and not finished (running or prefetched).
         running: id of the task it is running, if known.
         tasks_done: tasks it has finished.
@@ -87,6 +91,7 @@ class WorkerInfo:
     pid: int | None
     state: str
     local: bool
+    origin: str
     held: tuple[int, ...]
     running: int | None
     tasks_done: int
@@ -204,6 +209,17 @@ class DistributedExecutor(Executor):
         key: the secret workers must prove they hold, as bytes or hexadecimal (at least 16
             bytes). Default: the ``DISTEXEC_KEY`` environment variable if set, else a random
             key (see :attr:`key`).
+        hosts: start workers on other machines over SSH: a hosts file path, or a list of lines
+            in its format (``"[user@]host[:port] [slots=N] [python=/abs/path]"``; see
+            :doc:`/ssh`). With ``hosts``, ``max_workers`` defaults to 0 (no local workers), and
+            ``python`` is the interpreter path on hosts that do not set their own.
+        ssh_config: OpenSSH client configuration to honour (default ``~/.ssh/config``).
+        known_hosts: a known_hosts file to trust besides ``~/.ssh/known_hosts``.
+        accept_new_host_keys: accept (and log) host keys that are not known, instead of
+            refusing the host.
+        tunnel: remote workers reach the task manager through the SSH connection (a remote
+            port forward; nothing is exposed beyond loopback). False: they connect to
+            ``listen`` directly.
 
     Raises:
         ValueError: ``max_workers``, ``max_tasks_per_child``, ``worker_start_timeout``,
@@ -228,10 +244,21 @@ class DistributedExecutor(Executor):
         heartbeat_timeout: float | None = 30.0,
         listen: str | None = None,
         key: bytes | str | None = None,
+        hosts: str | os.PathLike[str] | Sequence[str] | None = None,
+        ssh_config: str | None = None,
+        known_hosts: str | None = None,
+        accept_new_host_keys: bool = False,
+        tunnel: bool = True,
     ) -> None:
+        host_specs: tuple[HostSpec, ...] = ()
+        if hosts is not None:
+            if isinstance(hosts, (str, os.PathLike)):
+                host_specs = tuple(read_hosts_file(hosts))
+            else:
+                host_specs = tuple(parse_hosts(list(hosts), "hosts"))
         if max_workers is None:
-            max_workers = _default_workers()
-        elif max_workers <= 0 and not (max_workers == 0 and listen is not None):
+            max_workers = 0 if host_specs else _default_workers()
+        elif max_workers <= 0 and not (max_workers == 0 and (listen is not None or host_specs)):
             raise ValueError("max_workers must be greater than 0 (0 is allowed with listen=..., "
                              "for an executor that waits for workers started by hand)")
         if max_tasks_per_child is not None:
@@ -268,6 +295,10 @@ class DistributedExecutor(Executor):
             raise ValueError(
                 f"listening on {host} (not a loopback address) requires a key that the workers "
                 f"share: pass key=... or set {KEY_ENV} (for example from 'distexec keygen FILE')")
+        if host_specs and not tunnel and _is_loopback(host):
+            raise ValueError("tunnel=False makes remote workers connect to the task manager "
+                             "directly: give it a reachable address with listen='0.0.0.0:PORT' "
+                             "(and a key)")
         self._max_workers = max_workers
         self._config = ManagerConfig(
             max_workers=max_workers,
@@ -281,6 +312,10 @@ class DistributedExecutor(Executor):
             key=raw_key or protocol.new_key(),
             heartbeat_timeout=heartbeat_timeout,
             max_retries=retries,
+            hosts=host_specs,
+            ssh=SSHOptions(ssh_config=ssh_config, known_hosts=known_hosts,
+                           accept_new_host_keys=accept_new_host_keys, tunnel=tunnel,
+                           python=python) if host_specs else None,
         )
         self._shared = SharedState()
         self._manager: Manager | None = None

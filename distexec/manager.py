@@ -71,7 +71,9 @@ from .errors import (
     TaskUnpicklingError,
     WorkerLostError,
 )
-from .launchers.local import LocalLauncher, LocalProcess, describe_exit
+from .launchers.hosts import HostSpec
+from .launchers.local import LocalLauncher, LocalProcess
+from .launchers.ssh import SSHHost, SSHOptions, SSHProcess
 from .scheduler import Scheduler, Task, TaskKind, TaskState, WorkerRecord, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,10 @@ RESTART_BACKOFF_MAX = 10.0
 DUMP_KEEP = 32 * 1024
 # How long a task past its time limit may take to report its stack before it is stopped.
 DUMP_WAIT = 0.5
+# A worker that hears nothing from the task manager for max(this, 4 x heartbeat_timeout)
+# seconds exits. Generous: this process may hold the GIL for a while (no pings meanwhile), and
+# it only matters for cleanup after a partition that the worker's sockets cannot see.
+MANAGER_TIMEOUT_MIN = 120.0
 # How many function definitions each worker keeps; older ones are told to be forgotten.
 WORKER_FN_CAPACITY = 256
 # Payloads above this go as separate frame buffers (saves a copy of large arguments).
@@ -132,6 +138,8 @@ class ManagerConfig:
     key: bytes | None = None
     heartbeat_timeout: float | None = 30.0
     max_retries: int = 3
+    hosts: tuple[HostSpec, ...] = ()
+    ssh: SSHOptions | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -215,7 +223,7 @@ class _Slot:
                  "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at",
                  "on_dump", "abort_pending", "limit", "limit_timer")
 
-    def __init__(self, worker_id: int, proc: LocalProcess | None) -> None:
+    def __init__(self, worker_id: int, proc: LocalProcess | SSHProcess | None) -> None:
         self.worker_id = worker_id
         self.conn: _Conn | None = None
         self.proc = proc
@@ -298,12 +306,15 @@ class Manager:
         self._terminating = False  # stop now
         self._start_failures = 0
         self._last_start_failure = ""
-        self._exit_events: deque[LocalProcess] = deque()  # from reaper threads (no pidfd)
+        self._exit_events: deque[Any] = deque()  # from reaper threads and SSH hosts
         self._target = config.max_workers  # local workers wanted (resize() changes it)
         self._zombies: dict[int, _Slot] = {}
         self._crash_streak = 0  # workers lost in a row with no task finishing in between
         self._launch_not_before = 0.0  # restart backoff
         self._launch_timer = False  # a deadline to call _ensure_workers is pending
+        self._hosts: list[SSHHost] = []
+        self._host_events: deque[tuple[str, SSHHost, str]] = deque()  # from host threads
+        self._host_failures: dict[str, int] = {}  # failed worker starts in a row, per host
         self.executor_ref: Any = None  # weakref to the executor, set by it
 
     # ---------------------------------------------------------------- caller side (any thread)
@@ -339,6 +350,7 @@ class Manager:
         try:
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
             self._selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            self._start_hosts()
             self._ensure_workers()
             while not self._finished():
                 self._turn()
@@ -359,6 +371,8 @@ class Manager:
         self._drain_inbox()
         while self._exit_events:
             self._on_process_exit(self._exit_events.popleft())
+        while self._host_events:
+            self._on_host_event(*self._host_events.popleft())
         self._run_deadlines()
         self._dispatch()
         if self._closing:
@@ -417,22 +431,28 @@ class Manager:
             callback()
 
     # ---------------------------------------------------------------- workers: launching
-    def _wanted_workers(self) -> int:
-        if self._terminating or self.shared.broken is not None:
-            return 0
-        if self._closing and not self._sched.tasks:
-            return 0  # shutting down: workers are still needed only to finish the work
-        return self._target
+    def _active(self) -> dict[str, int]:
+        """Live workers we launched that are not on their way out, per origin."""
+        counts: dict[str, int] = {}
+        for w in self._sched.live_workers():
+            slot = self._slots.get(w.id)
+            if (w.origin != "joined" and w.state is not WorkerState.DRAINING
+                    and slot is not None and not slot.retiring):
+                counts[w.origin] = counts.get(w.origin, 0) + 1
+        return counts
 
     def _ensure_workers(self) -> None:
-        """Launch local workers up to the target (respecting the restart backoff)."""
+        """Launch workers up to the targets: ``_target`` local ones, and each ready host's
+        slots (respecting the restart backoff)."""
         self._launch_timer = False
-        active = sum(
-            1 for w in self._sched.live_workers()
-            if w.local and w.state is not WorkerState.DRAINING
-            and not self._slots[w.id].retiring
-        )
-        if active >= self._wanted_workers():
+        if (self._terminating or self.shared.broken is not None
+                or (self._closing and not self._sched.tasks)):
+            return  # stopping: workers are needed only to finish submitted work
+        active = self._active()
+        missing = max(0, self._target - active.get("local", 0))
+        host_missing = [(h, h.slots - active.get(h.spec.label, 0))
+                        for h in self._hosts if h.state == "ready"]
+        if not missing and not any(n > 0 for _, n in host_missing):
             return
         now = time.monotonic()
         if now < self._launch_not_before:
@@ -440,9 +460,11 @@ class Manager:
                 self._launch_timer = True
                 self._at(self._launch_not_before, self._ensure_workers)
             return
-        while active < self._wanted_workers():
+        for _ in range(missing):
             self._launch()
-            active += 1
+        for host, n in host_missing:
+            for _ in range(n):
+                self._launch(host)
 
     def _resize(self, n: int) -> None:
         """Change the number of local workers; surplus ones leave after the tasks they hold."""
@@ -450,7 +472,7 @@ class Manager:
         self._target = n
         self._ensure_workers()
         records = [w for w in self._sched.live_workers()
-                   if w.local and w.state is not WorkerState.DRAINING
+                   if w.origin == "local" and w.state is not WorkerState.DRAINING
                    and not self._slots[w.id].retiring]
         surplus = len(records) - n
         if surplus <= 0:
@@ -470,11 +492,21 @@ class Manager:
                 self._send_shutdown(slot)
         self._publish()
 
-    def _launch(self) -> None:
+    def _launch(self, host: SSHHost | None = None) -> None:
         worker_id = next(self._worker_ids)
         now = time.monotonic()
-        record = self._sched.add_worker(worker_id, socket.gethostname(),
+        record = self._sched.add_worker(worker_id, socket.gethostname() if host is None
+                                        else host.spec.label,
                                         self.config.max_tasks_per_child, now)
+        if host is not None:
+            record.local = False
+            record.origin = host.spec.label
+            sproc = host.launch(worker_id, self.key)
+            self._slots[worker_id] = _Slot(worker_id, sproc)
+            sproc.watch(self._exit_from_thread)
+            self._at(now + self.config.worker_start_timeout,
+                     partial(self._check_started, worker_id))
+            return
         try:
             proc = self._launcher.start(worker_id, self.address, self.key)
         except OSError as exc:
@@ -500,7 +532,7 @@ class Manager:
             self._on_process_exit(proc)
         return handler
 
-    def _exit_from_thread(self, proc: LocalProcess) -> None:
+    def _exit_from_thread(self, proc: Any) -> None:
         # Reaper thread: hand the news to the manager thread.
         self._exit_events.append(proc)
         self.wake()
@@ -516,15 +548,68 @@ class Manager:
         if slot.proc is not None:
             slot.proc.kill()
 
-    def _start_failed(self, reason: str) -> None:
+    def _start_failed(self, reason: str, origin: str = "local") -> None:
+        logger.warning("%s", reason)
+        if origin != "local":
+            count = self._host_failures[origin] = self._host_failures.get(origin, 0) + 1
+            host = next((h for h in self._hosts if h.spec.label == origin), None)
+            if count >= START_FAILURE_LIMIT and host is not None and host.state == "ready":
+                host.state = "failed"
+                host.error = (f"{origin}: {count} workers in a row failed to start; the last "
+                              f"one: {reason}")
+                logger.error("giving up on host %s; its work goes to the other workers",
+                             host.error)
+                host.close()
+                self._check_capacity()
+            return
         self._start_failures += 1
         self._last_start_failure = reason
-        logger.warning("%s", reason)
         if self._start_failures >= START_FAILURE_LIMIT:
             self._break(BrokenDistributedExecutor(
                 f"could not start workers: {self._start_failures} attempts in a row failed; "
                 f"the last one: {reason}. Check that {self._launcher.python} can run "
                 "'python -m distexec.worker' (see the worker's stderr above)"), None)
+
+    # ---------------------------------------------------------------- SSH hosts
+    def _start_hosts(self) -> None:
+        if not self.config.hosts:
+            return
+        options = self.config.ssh or SSHOptions()
+        for spec in self.config.hosts:
+            host = SSHHost(spec, options, self.address,
+                           on_ready=lambda h: self._host_event("ready", h, ""),
+                           on_failed=lambda h, why: self._host_event("failed", h, why))
+            self._hosts.append(host)
+            host.start()
+
+    def _host_event(self, kind: str, host: SSHHost, detail: str) -> None:
+        # A host's thread: hand the news to the manager thread.
+        self._host_events.append((kind, host, detail))
+        self.wake()
+
+    def _on_host_event(self, kind: str, host: SSHHost, detail: str) -> None:
+        if kind == "ready":
+            self._ensure_workers()
+        else:
+            logger.error("host %s cannot be used: %s", host.spec.label, detail)
+            self._check_capacity()
+
+    def _check_capacity(self) -> None:
+        """Break the executor when nothing can ever run its tasks: no local workers wanted,
+        no usable host, no worker that joined by hand, and no way for one to join."""
+        if self._terminating or self.shared.broken is not None:
+            return
+        if self._target > 0 or any(h.state in ("connecting", "ready") for h in self._hosts):
+            return
+        if any(w.origin == "joined" for w in self._sched.live_workers()):
+            return
+        if self.config.listen_host not in ("127.0.0.1", "::1", "localhost") or \
+                not self.config.hosts:
+            return  # workers may still join by hand
+        table = "\n".join(f"  {h.spec.label:30} {h.error}" for h in self._hosts)
+        self._break(BrokenDistributedExecutor(
+            f"no host is usable, so no worker can run the tasks:\n{table}\nRun 'distexec hosts "
+            "check' with the same hosts to see what is wrong with each"), None)
 
     # ---------------------------------------------------------------- connections
     def _on_accept(self, sock: Any, mask: int) -> None:
@@ -670,11 +755,14 @@ class Manager:
             record = self._sched.add_worker(worker_id, str(info.get("host", "?")),
                                             self.config.max_tasks_per_child, now)
             record.local = False
+            record.origin = "joined"
             slot = _Slot(worker_id, None)
             self._slots[worker_id] = slot
             logger.info("worker %d joined from %s (pid %s on %s)", worker_id, conn.peer,
                         info.get("pid"), info.get("host"))
         record.pid = info.get("pid") if isinstance(info.get("pid"), int) else record.pid
+        if isinstance(slot.proc, SSHProcess) and slot.proc.pid is None:
+            slot.proc.pid = record.pid  # lets the host thread kill it by pid
         record.host = str(info.get("host", record.host))
         record.info = info
         record.connected_at = now
@@ -687,12 +775,15 @@ class Manager:
         timeout = self.config.heartbeat_timeout
         if timeout is not None:
             self._at(now + timeout, partial(self._check_heartbeat, slot))
+            self._at(now + self.config.heartbeat_interval, partial(self._ping, slot))
         self._send_raw(conn, [protocol.make_welcome(
             self.key, conn.nonce_m, nonce_w, protocol.STATUS_OK,
-            {"worker_id": slot.worker_id, "heartbeat_interval": self.config.heartbeat_interval})])
+            {"worker_id": slot.worker_id, "heartbeat_interval": self.config.heartbeat_interval,
+             "manager_timeout": None if timeout is None else max(MANAGER_TIMEOUT_MIN,
+                                                                   4 * timeout)})])
         config = {
             "worker_id": slot.worker_id,
-            "sys_path": _client_sys_path() if slot.proc is not None else None,
+            "sys_path": _client_sys_path() if isinstance(slot.proc, LocalProcess) else None,
             "initializer": self.config.initializer,
         }
         self._send_raw(conn, protocol.encode_frame(protocol.CONFIG, (config,)))
@@ -826,6 +917,13 @@ class Manager:
         else:
             self._finalize(slot, keep_connections=True)
 
+    def _ping(self, slot: _Slot) -> None:
+        """Deadline: tell the worker we are alive (it exits after manager_timeout without)."""
+        if self._slots.get(slot.worker_id) is not slot:
+            return
+        self._send_control(slot, protocol.PING, 0, 0)
+        self._at(time.monotonic() + self.config.heartbeat_interval, partial(self._ping, slot))
+
     # ---------------------------------------------------------------- zombies
     def _zombie_alive(self, slot: _Slot) -> None:
         """A worker declared lost is sending again: it was replaced, so ask it to leave."""
@@ -896,7 +994,10 @@ class Manager:
             record = self._sched.workers[worker_id]
             if record.state is WorkerState.CONNECTED:
                 self._sched.worker_ready(worker_id)
-                self._start_failures = 0
+                if record.origin == "local":
+                    self._start_failures = 0
+                else:
+                    self._host_failures.pop(record.origin, None)
                 logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
                 self._publish()
         elif frame.kind == protocol.LEAVE:
@@ -1156,6 +1257,7 @@ class Manager:
                 "pid": record.pid,
                 "state": record.state.value,
                 "local": record.local,
+                "origin": record.origin,
                 "held": tuple(record.assigned),
                 "running": running,
                 "tasks_done": record.tasks_done,
@@ -1353,9 +1455,9 @@ class Manager:
                            slot.worker_id)
             slot.proc.kill()
 
-    def _on_process_exit(self, proc: LocalProcess) -> None:
+    def _on_process_exit(self, proc: LocalProcess | SSHProcess) -> None:
         slot = self._slots.get(proc.worker_id)
-        if slot is None or slot.proc is not proc or slot.exited:
+        if slot is None or slot.proc is None or slot.proc is not proc or slot.exited:
             return
         if proc.poll() is None:
             return  # spurious wakeup
@@ -1401,13 +1503,13 @@ class Manager:
             record.transition(WorkerState.LOST)
             if (not self._terminating and not slot.retiring
                     and (self._sched.tasks or not self._closing)):
-                what = (describe_exit(exitcode) if slot.proc is not None
+                what = (slot.proc.describe_exit(exitcode) if slot.proc is not None
                         else slot.disconnect_reason or "connection lost")
-                # fail_reason (timed out, wrong versions) is only ever set for local workers.
+                # fail_reason (timed out, wrong versions) is only ever set for our workers.
                 reason = (f"{slot.fail_reason} ({what})" if slot.fail_reason else
                           slot.lost_reason or
                           f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}")
-                self._start_failed(reason)
+                self._start_failed(reason, record.origin)
         elif clean:
             if record.state is not WorkerState.GONE:
                 if record.state is not WorkerState.DRAINING:
@@ -1415,7 +1517,7 @@ class Manager:
                 record.transition(WorkerState.GONE)
             log = logger.info if not record.local else logger.debug
             log("worker %d left (%s)", slot.worker_id,
-                describe_exit(exitcode) if slot.proc is not None else "disconnected")
+                slot.proc.describe_exit(exitcode) if slot.proc is not None else "disconnected")
         else:
             self._worker_lost(slot, record, exitcode)
         if slot.proc is not None:
@@ -1432,7 +1534,7 @@ class Manager:
         elif slot.stopping and slot.fail_reason:
             what = slot.fail_reason
         elif slot.proc is not None:
-            what = describe_exit(exitcode)
+            what = slot.proc.describe_exit(exitcode)
         else:
             what = slot.fail_reason or slot.disconnect_reason or "connection lost"
         # A worker we stopped to abort a task (already settled) charges nobody for its death.
@@ -1461,7 +1563,7 @@ class Manager:
                         len(held) - (culprit is not None), slot.worker_id)
         if poisoned is not None:
             self._poisoned(poisoned)
-        if not slot.stopping and record.local and not self._closing:
+        if not slot.stopping and slot.proc is not None and not self._closing:
             # Workers that keep dying (no task finishing in between) are replaced ever slower.
             self._crash_streak += 1
             if self._crash_streak > RESTART_FREE:
@@ -1513,11 +1615,13 @@ class Manager:
                 slot.proc.kill()
         for slot in list(self._slots.values()):
             if slot.proc is not None:
-                try:
-                    slot.proc.popen.wait(timeout=5)
-                except Exception:
-                    logger.error("worker %d (pid %d) did not die", slot.worker_id, slot.proc.pid)
+                if slot.proc.wait(5) is None:
+                    logger.error("worker %d (pid %s) did not die", slot.worker_id, slot.proc.pid)
                 slot.proc.close()
+        for host in self._hosts:
+            host.close()
+        for host in self._hosts:
+            host.join(10)
         for conn in list(self._conns):
             self._close(conn)
         leftover = BrokenDistributedExecutor("the task manager stopped before this task ran")

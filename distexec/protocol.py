@@ -75,6 +75,9 @@ Each worker opens a second connection, authenticated by the same handshake with
 * manager to worker: fixed-size commands, ``CONTROL_COMMAND`` = u8 command, i64 task id,
   i64 attempt. ``ABORT``: if that attempt is running, the worker stops it by exiting (or, when
   it was started by hand, by restarting itself); if it is still queued there, it is skipped.
+  ``PING``: sent every heartbeat interval. A worker that hears nothing from the manager for
+  ``manager_timeout`` seconds (given in the welcome) exits: through an SSH tunnel, a
+  partitioned network is invisible to its sockets.
   The worker answers an ``ABORT`` of a task it had not started with ``ACK_MARK`` followed by
   ``CONTROL_COMMAND(SKIPPED, task id, attempt)`` in its control stream.
   ``DUMP``: write a stack dump now, between ``DUMP_BEGIN`` and ``DUMP_END`` lines (the
@@ -298,6 +301,7 @@ KIND_NAMES = {
 
 # ---------------------------------------------------------------------------- control channel
 CONTROL_COMMAND = struct.Struct("!Bqq")
+PING = 0
 ABORT = 1
 DUMP = 2
 # Worker to manager, inside the control stream: ACK_MARK + CONTROL_COMMAND(SKIPPED, task, attempt)

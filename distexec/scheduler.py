@@ -161,7 +161,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma",
         "started_at", "connected_at", "info", "exitcode", "reason", "limited", "local",
-        "tasks_done", "blocked",
+        "tasks_done", "blocked", "origin",
     )
 
     def __init__(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> None:
@@ -179,7 +179,8 @@ class WorkerRecord:
         self.exitcode: int | None = None
         self.reason: str | None = None
         self.limited = 0  # assigned tasks with a time limit (such a worker takes nothing more)
-        self.local = True  # started by this executor (False: joined by hand)
+        self.local = True  # started by this executor on this machine
+        self.origin = "local"  # "local", the label of the SSH host it runs on, or "joined"
         self.tasks_done = 0
         # Sent no new task while set: an ABORT awaits its answer, or the worker is dying.
         self.blocked = False

@@ -166,6 +166,7 @@ class Worker:
         self.address: tuple[str, int] | None = None
         self.key = b""
         self.heartbeat_interval: float | None = None
+        self.manager_timeout: float | None = None
         self.restart_argv: list[str] | None = None
         self.progress = progress  # shared memory the local manager reads after a crash
         self.worker_id = worker_id
@@ -453,7 +454,13 @@ class Worker:
         self.control_ready.set()
         buf = b""
         size = protocol.CONTROL_COMMAND.size
+        heard = time.monotonic()
         while True:
+            if self.manager_timeout and time.monotonic() - heard > self.manager_timeout:
+                logger.error("%s: no word from the task manager for %.0f s (the network to it "
+                             "may be cut); exiting", self.where(), time.monotonic() - heard)
+                _flush_std_streams()
+                os._exit(EXIT_MANAGER_LOST)
             try:
                 ready, _, _ = select.select([sock.fileno(), self.leave_r], [], [], interval)
                 if self.leave_r in ready:
@@ -463,10 +470,13 @@ class Worker:
                     data = sock.recv(4096)
                     if not data:
                         break
+                    heard = time.monotonic()
                     buf += data
                     while len(buf) >= size:
                         command, task_id, attempt = protocol.CONTROL_COMMAND.unpack(buf[:size])
                         buf = buf[size:]
+                        if command == protocol.PING:
+                            continue
                         if command == protocol.ABORT:
                             if not self.abort(task_id, attempt):
                                 sock.sendall(protocol.ACK_MARK + protocol.CONTROL_COMMAND.pack(
@@ -657,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.key = key
     interval = welcome.get("heartbeat_interval")
     worker.heartbeat_interval = float(interval) if interval else None
+    silence = welcome.get("manager_timeout")
+    worker.manager_timeout = float(silence) if silence else None
     if not started_by_executor:
         worker.restart_argv = argv
         logger.info("joined the executor at %s:%d as worker %d", host, port, worker.worker_id)

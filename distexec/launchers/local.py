@@ -87,6 +87,16 @@ class LocalProcess:
         """The exit code (negative: killed by that signal), or None while it runs."""
         return self.popen.poll()
 
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait (bounded) for the exit; the exit code, or None if it is still running."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def describe_exit(self, code: int | None) -> str:
+        return describe_exit(code)
+
     def running_task(self) -> tuple[int, int] | None:
         """(task id, attempt) the worker was running last, or None if between tasks/unknown."""
         if self._progress is None:

@@ -1,0 +1,755 @@
+"""Workers on other machines, started over SSH with paramiko (imported here only, lazily).
+
+One :class:`SSHHost` per host in the hosts list. Its ``distexec-launch-<host>`` thread does
+everything that blocks: it connects (honouring ``~/.ssh/config``, the agent and
+``known_hosts``), checks the remote interpreter and package versions, copies distexec and its
+pure-Python dependencies over SFTP when they are missing or of another version there, asks
+sshd for a *remote port forward*, and then executes the task manager's requests: start a
+worker, kill a worker. Its ``distexec-tunnel-<host>`` thread moves bytes: each connection a
+worker opens to the forwarded port on its host arrives here as an SSH channel and is joined to
+a TCP connection to the task manager's loopback listener; the workers' stdout and stderr come
+back on their exec channels and go to the ``distexec.remote`` logger, line by line, prefixed
+with the worker and host.
+
+So nothing listens anywhere but on loopback: the task manager on this machine's 127.0.0.1 and
+sshd's forward on the remote host's 127.0.0.1. (With ``tunnel=False`` workers connect straight
+to the task manager's ``listen`` address instead.) Either way the distexec handshake
+authenticates both ends with the executor's key; the tunnel adds SSH's encryption.
+
+Cleanup: every worker runs with no pty and reads its key from stdin, then watches stdin: when
+the channel closes (executor shut down, SSH connection lost, this process killed) the worker
+exits. A worker that stops hearing from the task manager (a partition sshd does not notice)
+exits on its own after ``heartbeat_timeout``. A kill request runs ``kill -KILL PID`` on the host
+and closes the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import select
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .hosts import HostSpec
+
+logger = logging.getLogger(__name__)
+remote_logger = logging.getLogger("distexec.remote")
+
+__all__ = ["HostError", "SSHHost", "SSHOptions", "SSHProcess", "probe_host"]
+
+# The remote side's Python must run this to describe itself (one JSON line on stdout).
+_PROBE = r"""
+import json, os, socket, sys
+out = {"python": "%d.%d.%d" % sys.version_info[:3], "executable": sys.executable,
+       "host": socket.gethostname(), "cpus": len(os.sched_getaffinity(0))
+       if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)}
+for name in ("cloudpickle", "tblib", "distexec"):
+    try:
+        module = __import__(name)
+        out[name] = getattr(module, "__version__", "unknown")
+    except Exception as exc:
+        out[name] = None
+print(json.dumps(out))
+"""
+# Seconds without any answer from a host's TCP connection before the connection is given up
+# (TCP_USER_TIMEOUT): how fast a partitioned or powered-off host is noticed.
+DEAD_PEER_TIMEOUT = 15.0
+KEEPALIVE_INTERVAL = 5
+
+
+class HostError(Exception):
+    """A host cannot be used; the message names the host, what went wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """How to reach the hosts (constructor arguments of the executor)."""
+
+    ssh_config: str | None = None  # default ~/.ssh/config when it exists
+    known_hosts: str | None = None  # extra known_hosts file
+    accept_new_host_keys: bool = False
+    connect_timeout: float = 15.0
+    tunnel: bool = True
+    python: str | None = None  # default interpreter on every host (default: ours)
+    install: bool = True  # copy distexec & co. over SFTP when missing or of another version
+
+
+def _versions_here() -> dict[str, str]:
+    import cloudpickle
+    import tblib
+
+    from .._version import __version__
+
+    return {"python": "{}.{}.{}".format(*sys.version_info[:3]),
+            "cloudpickle": cloudpickle.__version__,
+            "tblib": getattr(tblib, "__version__", "unknown"), "distexec": __version__}
+
+
+class _RecordingPolicy:
+    """Missing host key policy: remember the key (for the message), then refuse or accept."""
+
+    def __init__(self, accept: bool) -> None:
+        self.accept = accept
+        self.seen: Any = None
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        self.seen = key
+        if self.accept:
+            logger.warning("accepting the unknown host key of %s: %s %s", hostname,
+                           key.get_name(), key.fingerprint)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            return
+        import paramiko
+
+        raise paramiko.SSHException(f"unknown host key for {hostname}")
+
+
+def _host_config(spec: HostSpec, options: SSHOptions) -> dict[str, Any]:
+    import paramiko
+
+    path = options.ssh_config or os.path.expanduser("~/.ssh/config")
+    config = paramiko.SSHConfig()
+    if os.path.exists(path):
+        config = paramiko.SSHConfig.from_path(path)
+    found = dict(config.lookup(spec.host))
+    if spec.user:
+        found["user"] = spec.user
+    if spec.port is not None:
+        found["port"] = str(spec.port)
+    found.setdefault("user", os.environ.get("USER") or "root")
+    found.setdefault("port", "22")
+    return found
+
+
+def _open_socket(hostname: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((hostname, port), timeout=timeout)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        int(DEAD_PEER_TIMEOUT * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return sock
+
+
+def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
+    """Log in to a host; return a connected ``paramiko.SSHClient``. Raises :class:`HostError`."""
+    import paramiko
+
+    cfg = _host_config(spec, options)
+    hostname, port, user = cfg.get("hostname", spec.host), int(cfg["port"]), cfg["user"]
+    where = f"{spec.label} ({user}@{hostname}:{port})"
+    client = paramiko.SSHClient()
+    try:
+        client.load_system_host_keys()
+    except OSError:
+        pass
+    for path in (cfg.get("userknownhostsfile", "").split() + [options.known_hosts or ""]):
+        path = os.path.expanduser(path)
+        if path and os.path.exists(path):
+            client.load_host_keys(path)
+    policy = _RecordingPolicy(options.accept_new_host_keys)
+    client.set_missing_host_key_policy(policy)
+    sock: Any = None
+    try:
+        if "proxyjump" in cfg and _depth < 4:
+            jump = cfg["proxyjump"].split(",")[0].strip()
+            from .hosts import parse_host
+
+            jump_spec = parse_host(jump) or HostSpec(jump)
+            jumper = connect(jump_spec, options, _depth + 1)
+            sock = jumper.get_transport().open_channel("direct-tcpip", (hostname, port),
+                                                       ("127.0.0.1", 0))
+        elif "proxycommand" in cfg:
+            sock = paramiko.ProxyCommand(cfg["proxycommand"])
+        else:
+            sock = _open_socket(hostname, port, options.connect_timeout)
+    except HostError:
+        raise
+    except OSError as exc:
+        raise HostError(f"{where}: cannot connect: {exc}. Check that the host is up and "
+                        "reachable and that sshd listens on that port") from exc
+    identities = [os.path.expanduser(p) for p in cfg.get("identityfile", [])]
+    only = cfg.get("identitiesonly", "no").lower() == "yes"
+    try:
+        client.connect(
+            hostname, port, username=user, sock=sock, timeout=options.connect_timeout,
+            banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout,
+            key_filename=[p for p in identities if os.path.exists(p)] or None,
+            allow_agent=not only, look_for_keys=not only and not identities)
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise HostError(f"{where}: login refused ({exc}). Check the user name and that your "
+                        "key (ssh-agent or IdentityFile) is in the host's authorized_keys; "
+                        f"'ssh {user}@{hostname} -p {port} true' must work without a "
+                        "password") from exc
+    except paramiko.SSHException as exc:
+        client.close()
+        if policy.seen is not None and not options.accept_new_host_keys:
+            key = policy.seen
+            raise HostError(
+                f"{where}: unknown host key ({key.get_name()} {key.fingerprint}). If that is "
+                f"the right key, add it with 'ssh-keyscan -p {port} {hostname} >> "
+                "~/.ssh/known_hosts', or pass accept_new_host_keys=True") from exc
+        raise HostError(f"{where}: SSH failed: {exc}") from exc
+    except OSError as exc:
+        client.close()
+        raise HostError(f"{where}: connection failed: {exc}") from exc
+    transport = client.get_transport()
+    transport.set_keepalive(KEEPALIVE_INTERVAL)
+    return client
+
+
+def _run(client: Any, command: str, timeout: float, stdin: bytes = b"") -> tuple[int, str, str]:
+    """Run a command; return (exit status, stdout, stderr). Raises HostError on a timeout."""
+    channel = client.get_transport().open_session(timeout=timeout)
+    channel.settimeout(timeout)
+    channel.exec_command(command)
+    if stdin:
+        channel.sendall(stdin)
+    channel.shutdown_write()
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise HostError(f"the command {command[:60]!r} did not finish in {timeout:g} s")
+            select.select([channel], [], [], 0.5)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+            if channel.recv_ready():
+                out += channel.recv(65536)
+            elif channel.eof_received or channel.closed:
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                if channel.status_event.wait(max(0.0, deadline - time.monotonic())):
+                    return channel.exit_status, out.decode(errors="replace"), \
+                        err.decode(errors="replace")
+    except TimeoutError as exc:
+        raise HostError(f"the command {command[:60]!r} timed out") from exc
+    finally:
+        channel.close()
+
+
+def probe_host(client: Any, python: str, pythonpath: str | None, timeout: float) -> dict[str, Any]:
+    """Run the probe with ``python`` on the host; return what it printed. Raises HostError."""
+    prefix = f"exec env PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else "exec "
+    status, out, err = _run(client, prefix + f"{shlex.quote(python)} -c {shlex.quote(_PROBE)}",
+                            timeout)
+    if status != 0:
+        detail = err.strip().splitlines()[-1] if err.strip() else f"exit status {status}"
+        if status == 127 or "No such file" in err or "not found" in err:
+            raise HostError(f"python {python} not found there ({detail}): set python=/path/to/"
+                            "python3 for this host (the same minor version as here)")
+        raise HostError(f"python {python} failed to run there: {detail}")
+    try:
+        info: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise HostError(f"python {python} printed something unexpected: {out[:200]!r}") from exc
+    return info
+
+
+def version_problems(here: dict[str, str], there: dict[str, Any]) -> list[str]:
+    """What differs between this interpreter and the host's (Python minor and packages)."""
+    problems = []
+    if ".".join(str(there.get("python", "")).split(".")[:2]) != \
+            ".".join(here["python"].split(".")[:2]):
+        problems.append(f"Python {there.get('python')} there, {here['python']} here")
+    for name in ("cloudpickle", "tblib", "distexec"):
+        if there.get(name) != here[name]:
+            problems.append(f"{name} {there.get(name) or 'missing'} there, {here[name]} here")
+    return problems
+
+
+def _package_files() -> list[tuple[str, str]]:
+    """(local path, relative path) of every file of distexec, cloudpickle and tblib to copy."""
+    import cloudpickle
+    import tblib
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../distexec
+    files = []
+    for root in (ours, os.path.dirname(os.path.abspath(cloudpickle.__file__)),
+                 os.path.dirname(os.path.abspath(tblib.__file__))):
+        base = os.path.dirname(root)
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in names:
+                if name.endswith((".py", ".typed")):
+                    path = os.path.join(folder, name)
+                    files.append((path, os.path.relpath(path, base)))
+    return files
+
+
+def install_packages(client: Any, here: dict[str, str]) -> str:
+    """Copy distexec, cloudpickle and tblib into a per-user cache on the host, keyed by their
+    versions; return the directory to put on PYTHONPATH. Reuses a complete earlier copy."""
+    sftp = client.open_sftp()
+    try:
+        home = sftp.normalize(".")
+        tag = f"distexec-{here['distexec']}-cloudpickle-{here['cloudpickle']}-tblib-{here['tblib']}"
+        cache = posixpath.join(home, ".cache", "distexec", tag)
+        try:
+            sftp.stat(posixpath.join(cache, ".complete"))
+            return cache
+        except OSError:
+            pass
+        parent = posixpath.dirname(cache)
+        for path in (posixpath.join(home, ".cache"), posixpath.dirname(parent), parent):
+            try:
+                sftp.mkdir(path)
+            except OSError:
+                pass
+        staging = f"{cache}.tmp-{os.getpid()}-{threading.get_ident()}"
+        made: set[str] = set()
+        for local, relative in _package_files():
+            target = posixpath.join(staging, *relative.split(os.sep))
+            folder = posixpath.dirname(target)
+            chain = []
+            while folder not in made and folder != parent:
+                chain.append(folder)
+                folder = posixpath.dirname(folder)
+            for folder in reversed(chain):
+                try:
+                    sftp.mkdir(folder)
+                except OSError:
+                    pass
+                made.add(folder)
+            sftp.put(local, target)
+        with sftp.open(posixpath.join(staging, ".complete"), "w") as fh:
+            fh.write(json.dumps(here))
+        try:
+            sftp.posix_rename(staging, cache)
+        except OSError:
+            # Another executor installed the same versions meanwhile: use theirs.
+            _run(client, f"rm -rf {shlex.quote(staging)}", 30)
+        return cache
+    finally:
+        sftp.close()
+
+
+class SSHProcess:
+    """The task manager's handle on one remote worker (mirrors LocalProcess)."""
+
+    pidfd = None
+    reports_progress = False
+
+    def __init__(self, host: SSHHost, worker_id: int) -> None:
+        self.host = host
+        self.worker_id = worker_id
+        self.pid: int | None = None  # set by the task manager from the worker's handshake
+        self.channel: Any = None
+        self._code: int | None = None
+        self._reason: str | None = None
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[SSHProcess], None]] = []
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return self._code if self._done.is_set() else None
+
+    def running_task(self) -> tuple[int, int] | None:
+        return None
+
+    def describe_exit(self, code: int | None) -> str:
+        from .local import describe_exit
+
+        if self._reason:
+            return self._reason
+        if code == -1:
+            return (f"it ended with no exit status (killed by a signal, or the SSH connection "
+                    f"to {self.host.spec.label} was lost)")
+        return describe_exit(code) + f" on {self.host.spec.label}"
+
+    def finish(self, code: int, reason: str | None = None) -> None:
+        """The worker is over (any thread). Calls the watcher once."""
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._code = code
+            self._reason = reason
+            self._done.set()
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(self)
+
+    def watch(self, on_exit: Callable[[SSHProcess], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(on_exit)
+                return
+        on_exit(self)
+
+    def kill(self) -> None:
+        if not self._done.is_set():
+            self.host.submit(partial_kill(self))
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._done.wait(timeout)
+        return self.poll()
+
+    def close(self) -> None:
+        if self.channel is not None and not self._done.is_set():
+            self.host.submit(partial_kill(self))
+
+
+def partial_kill(proc: SSHProcess) -> Callable[[], None]:
+    def kill() -> None:
+        proc.host.kill_now(proc)
+    return kill
+
+
+class SSHHost:
+    """One host: its SSH connection, tunnel and workers. See the module docstring."""
+
+    def __init__(self, spec: HostSpec, options: SSHOptions, manager_address: str,
+                 on_ready: Callable[[SSHHost], None], on_failed: Callable[[SSHHost, str], None]):
+        self.spec = spec
+        self.options = options
+        self.manager_address = manager_address
+        self.python = spec.python or options.python or sys.executable
+        self.slots = spec.slots or 0  # known after the check
+        self.info: dict[str, Any] = {}
+        self.pythonpath: str | None = None
+        self.state = "connecting"
+        self.error: str | None = None
+        self.client: Any = None
+        self.forward_port: int | None = None
+        self._on_ready = on_ready
+        self._on_failed = on_failed
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._pump = _Pump(self)
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"distexec-launch-{spec.label}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop everything on this host (any thread; does not wait)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        self._pump.thread.join(max(0.0, timeout))
+
+    # ---------------------------------------------------------------- host thread
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except HostError as exc:
+            self.state = "failed"
+            self.error = str(exc)
+            self._shutdown()
+            self._on_failed(self, self.error)
+            return
+        except Exception as exc:  # paramiko raises many types; all mean "unusable"
+            self.state = "failed"
+            self.error = f"{self.spec.label}: {type(exc).__name__}: {exc}"
+            self._shutdown()
+            self._on_failed(self, self.error)
+            return
+        self.state = "ready"
+        self._on_ready(self)
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self._jobs:
+                    break
+                job = self._jobs.popleft()
+            try:
+                job()
+            except Exception:
+                logger.exception("host %s: a launcher job failed", self.spec.label)
+        self._shutdown()
+
+    def _setup(self) -> None:
+        here = _versions_here()
+        self.client = connect(self.spec, self.options)
+        timeout = max(30.0, self.options.connect_timeout)
+        try:
+            info = probe_host(self.client, self.python, None, timeout)
+        except HostError as exc:
+            raise HostError(f"{self.spec.label}: {exc}") from None
+        problems = version_problems(here, info)
+        python_problem = [p for p in problems if p.startswith("Python")]
+        if python_problem:
+            raise HostError(f"{self.spec.label}: {python_problem[0]} ({self.python}); set "
+                            f"python=/path/to/python{here['python'].rsplit('.', 1)[0]} for "
+                            "this host")
+        if problems:
+            if not self.options.install:
+                raise HostError(f"{self.spec.label}: {'; '.join(problems)}; install matching "
+                                "versions there, or allow installing (install=True)")
+            logger.info("%s: %s; copying them into its cache", self.spec.label,
+                        "; ".join(problems))
+            self.pythonpath = install_packages(self.client, here)
+            info = probe_host(self.client, self.python, self.pythonpath, timeout)
+            problems = version_problems(here, info)
+            if problems:
+                raise HostError(f"{self.spec.label}: still {'; '.join(problems)} after "
+                                f"installing into {self.pythonpath}")
+        self.info = info
+        if not self.slots:
+            self.slots = int(info.get("cpus") or 1)
+        transport = self.client.get_transport()
+        if self.options.tunnel:
+            self.forward_port = transport.request_port_forward("127.0.0.1", 0,
+                                                               self._pump.incoming)
+        self._pump.start()
+        logger.info("host %s ready: Python %s, %d slot(s)%s", self.spec.label, info["python"],
+                    self.slots, ", through an SSH tunnel" if self.options.tunnel else "")
+
+    def worker_command(self, worker_id: int, connect: str) -> str:
+        env = f"env PYTHONPATH={shlex.quote(self.pythonpath)} " if self.pythonpath else ""
+        args = [self.python, "-u", "-m", "distexec.worker", "--connect", connect,
+                "--worker-id", str(worker_id), "--key-stdin"]
+        return "exec " + env + " ".join(shlex.quote(a) for a in args)
+
+    def launch(self, worker_id: int, key: bytes) -> SSHProcess:
+        """Start a worker (any thread: the host thread does the work). Returns its handle."""
+        proc = SSHProcess(self, worker_id)
+        self.submit(lambda: self._launch_now(proc, key))
+        return proc
+
+    def _connect_address(self) -> str:
+        if self.forward_port is not None:
+            return f"127.0.0.1:{self.forward_port}"
+        host, _, port = self.manager_address.rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::"):
+            # The address of this machine as the host sees it: our end of the SSH connection.
+            host = self.client.get_transport().sock.getsockname()[0]
+        return f"{host}:{port}"
+
+    def _launch_now(self, proc: SSHProcess, key: bytes) -> None:
+        if self._closing:
+            proc.finish(-1, "the executor is shutting down")
+            return
+        try:
+            transport = self.client.get_transport()
+            if transport is None or not transport.is_active():
+                raise HostError("the SSH connection is gone")
+            channel = transport.open_session(timeout=self.options.connect_timeout)
+            channel.exec_command(self.worker_command(proc.worker_id, self._connect_address()))
+            channel.sendall(key.hex().encode() + b"\n")  # stdin stays open: the lifeline
+        except Exception as exc:
+            proc.finish(-1, f"could not start a worker on {self.spec.label}: {exc}")
+            return
+        proc.channel = channel
+        self._pump.watch_process(proc)
+
+    def kill_now(self, proc: SSHProcess) -> None:
+        """Host thread: kill a worker (by pid on the host when known) and close its channel."""
+        if proc.pid is not None and not proc._done.is_set():
+            try:
+                _run(self.client, f"kill -KILL {int(proc.pid)} 2>/dev/null", 10)
+            except Exception as exc:
+                logger.debug("kill of pid %s on %s failed: %s", proc.pid, self.spec.label, exc)
+        if proc.channel is not None:
+            try:
+                proc.channel.close()
+            except Exception:
+                pass
+
+    def _shutdown(self) -> None:
+        self._pump.stop()
+        for proc in self._pump.processes():
+            try:
+                proc.channel.close()
+            except Exception:
+                pass
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+        for proc in self._pump.processes():
+            proc.finish(-1, "the executor closed the SSH connection")
+
+
+class _Pump:
+    """The tunnel thread of one host: joins forwarded channels to the task manager and relays
+    the workers' output to logging. select() over channels and sockets; never blocks long."""
+
+    def __init__(self, host: SSHHost) -> None:
+        self.host = host
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"distexec-tunnel-{host.spec.label}")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._lock = threading.Lock()
+        self._new: list[Any] = []  # forwarded channels to connect
+        self._procs: dict[Any, SSHProcess] = {}  # exec channel -> process
+        self._lines: dict[tuple[Any, bool], bytearray] = {}
+        self._pairs: dict[Any, Any] = {}  # channel <-> socket, both ways
+        self._stopping = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._poke()
+
+    def processes(self) -> list[SSHProcess]:
+        with self._lock:
+            return list(self._procs.values())
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def incoming(self, channel: Any, origin: Any, server: Any) -> None:
+        # Runs on paramiko's transport thread: never block here.
+        with self._lock:
+            self._new.append(channel)
+        self._poke()
+
+    def watch_process(self, proc: SSHProcess) -> None:
+        with self._lock:
+            self._procs[proc.channel] = proc
+        self._poke()
+
+    def _run(self) -> None:
+        host, port = self.host.manager_address.rsplit(":", 1)
+        address = (host.strip("[]"), int(port))
+        if address[0] in ("0.0.0.0", "::"):
+            address = ("127.0.0.1", address[1])
+        while not self._stopping:
+            with self._lock:
+                new, self._new = self._new, []
+                watched = list(self._procs)
+            for channel in new:
+                try:
+                    sock = socket.create_connection(address, timeout=5)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError as exc:
+                    logger.warning("tunnel from %s: cannot reach the task manager: %s",
+                                   self.host.spec.label, exc)
+                    channel.close()
+                    continue
+                self._pairs[channel] = sock
+                self._pairs[sock] = channel
+            readable = [self._wake_r, *self._pairs, *watched]
+            try:
+                ready, _, _ = select.select(readable, [], [], 5.0)
+            except (OSError, ValueError):
+                self._drop_closed()
+                continue
+            for item in ready:
+                if item is self._wake_r:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                elif item in self._procs:
+                    self._relay_output(item)
+                elif item in self._pairs:
+                    self._forward(item)
+        for item in list(self._pairs):
+            try:
+                item.close()
+            except Exception:
+                pass
+        self._pairs.clear()
+
+    def _drop_closed(self) -> None:
+        for item in list(self._pairs):
+            if getattr(item, "closed", False) or (hasattr(item, "fileno") and
+                                                  _closed_socket(item)):
+                self._close_pair(item)
+
+    def _forward(self, src: Any) -> None:
+        dst = self._pairs.get(src)
+        if dst is None:
+            return
+        try:
+            data = src.recv(262144)
+        except (OSError, EOFError):
+            data = b""
+        except Exception:
+            data = b""
+        if not data:
+            self._close_pair(src)
+            return
+        try:
+            dst.sendall(data)
+        except Exception:
+            self._close_pair(src)
+
+    def _close_pair(self, one: Any) -> None:
+        other = self._pairs.pop(one, None)
+        if other is not None:
+            self._pairs.pop(other, None)
+        for item in (one, other):
+            if item is not None:
+                try:
+                    item.close()
+                except Exception:
+                    pass
+
+    def _relay_output(self, channel: Any) -> None:
+        proc = self._procs.get(channel)
+        if proc is None:
+            return
+        try:
+            while channel.recv_stderr_ready():
+                self._emit(proc, channel.recv_stderr(65536), True)
+            if channel.recv_ready():
+                self._emit(proc, channel.recv(65536), False)
+                return
+            if channel.eof_received or channel.closed:
+                while channel.recv_stderr_ready():
+                    self._emit(proc, channel.recv_stderr(65536), True)
+                self._emit(proc, b"", False, flush=True)
+                self._emit(proc, b"", True, flush=True)
+                with self._lock:
+                    self._procs.pop(channel, None)
+                code = channel.recv_exit_status() if channel.status_event.wait(5) else -1
+                channel.close()
+                proc.finish(code)
+        except Exception as exc:
+            with self._lock:
+                self._procs.pop(channel, None)
+            proc.finish(-1, f"lost the SSH channel of the worker on {self.host.spec.label}: "
+                            f"{exc}")
+
+    def _emit(self, proc: SSHProcess, data: bytes, stderr: bool, flush: bool = False) -> None:
+        buf = self._lines.setdefault((proc, stderr), bytearray())
+        buf += data
+        *lines, rest = bytes(buf).split(b"\n")
+        if flush and rest:
+            lines.append(rest)
+            rest = b""
+        buf[:] = rest
+        level = logging.WARNING if stderr else logging.INFO
+        for line in lines:
+            remote_logger.log(level, "[worker %d on %s] %s", proc.worker_id,
+                              self.host.spec.label, line.decode(errors="replace").rstrip("\r"))
+        if flush:
+            self._lines.pop((proc, stderr), None)
+
+
+def _closed_socket(sock: Any) -> bool:
+    try:
+        return bool(sock.fileno() < 0)
+    except Exception:
+        return True
