@@ -98,3 +98,50 @@ def pytest_configure(config):
 
 
 PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------------------------------------
+# SSH lab: real sshd "hosts" for SSH tests (see tests/sshlab.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ssh_lab(tmp_path_factory):
+    """A 3-host SSH lab (h1..h3) shared by the whole session, torn down at its end.
+
+    Skipped where the machine cannot run one (no sshd, no root), but under CI=true that is a
+    failure: CI is expected to install openssh-server and run as root.
+    """
+    import sshlab
+
+    def unavailable(reason):
+        message = f"SSH lab unavailable: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+    if not os.access(sshlab.SSHD, os.X_OK):
+        unavailable(f"{sshlab.SSHD} is missing (apt-get install openssh-server)")
+    try:
+        lab = sshlab.Lab.up(3, tmp_path_factory.mktemp("sshlab"))
+    except (sshlab.LabError, OSError, ValueError) as exc:
+        unavailable(str(exc))
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+_pytest_configure_before_ssh = pytest_configure
+
+
+def pytest_configure(config):  # noqa: F811 - extends the hook defined above
+    _pytest_configure_before_ssh(config)
+    config.addinivalue_line("markers", "ssh: runs against the ssh_lab hosts (real sshd)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use ssh_lab get the ``ssh`` marker, so ``-m 'not ssh'`` leaves them out."""
+    for item in items:
+        if "ssh_lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ssh)

@@ -19,8 +19,8 @@ class Gate:
     (and any later one) with :meth:`open`.
     """
 
-    def __init__(self) -> None:
-        self._server = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._server = socket.create_server((host, 0))
         self.address = "%s:%d" % self._server.getsockname()[:2]
         self._cond = threading.Condition()
         self._held: list[socket.socket] = []

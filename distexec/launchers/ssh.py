@@ -45,7 +45,7 @@ from .hosts import HostSpec
 logger = logging.getLogger(__name__)
 remote_logger = logging.getLogger("distexec.remote")
 
-__all__ = ["HostError", "SSHHost", "SSHOptions", "SSHProcess", "probe_host"]
+__all__ = ["HostError", "SSHHost", "SSHOptions", "SSHProcess", "check_hosts", "probe_host"]
 
 # The remote side's Python must run this to describe itself (one JSON line on stdout).
 _PROBE = r"""
@@ -95,6 +95,64 @@ def _versions_here() -> dict[str, str]:
             "tblib": getattr(tblib, "__version__", "unknown"), "distexec": __version__}
 
 
+def check_hosts(specs: list[HostSpec], options: SSHOptions,
+                timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Check every host in parallel, as the executor would before starting workers there.
+
+    Returns one row per host: ``host``, ``ok``, ``python``, ``cloudpickle``, ``tblib``,
+    ``distexec`` (what the host's interpreter imports; None if missing), ``slots``, ``rtt_ms``
+    (an SSH round trip), ``problem`` (what is wrong and what to do, or "").
+    """
+    here = _versions_here()
+    rows: list[dict[str, Any]] = [{} for _ in specs]
+
+    def check(index: int, spec: HostSpec) -> None:
+        row: dict[str, Any] = {"host": spec.label, "ok": False, "python": None,
+                               "cloudpickle": None, "tblib": None, "distexec": None,
+                               "slots": spec.slots, "rtt_ms": None, "problem": ""}
+        rows[index] = row
+        client = None
+        try:
+            client = connect(spec, options)
+            transport = client.get_transport()
+            start = time.perf_counter()
+            transport.open_session(timeout=timeout).close()  # one round trip: open, confirm
+            row["rtt_ms"] = (time.perf_counter() - start) * 1000
+            python = spec.python or options.python or sys.executable
+            info = probe_host(client, python, None, timeout)
+            for name in ("python", "cloudpickle", "tblib", "distexec"):
+                row[name] = info.get(name)
+            row["slots"] = spec.slots or info.get("cpus")
+            problems = version_problems(here, info)
+            if any(p.startswith("Python") for p in problems):
+                row["problem"] = (f"{problems[0]}: set python=/path/to/python"
+                                  f"{here['python'].rsplit('.', 1)[0]} for this host")
+            else:
+                row["ok"] = True
+                if problems:
+                    row["problem"] = ("; ".join(problems) + " (fine: copied into "
+                                      "~/.cache/distexec there at start)")
+        except HostError as exc:
+            row["problem"] = str(exc).removeprefix(f"{spec.label}: ")
+        except Exception as exc:
+            row["problem"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if client is not None:
+                client.close()
+
+    threads = [threading.Thread(target=check, args=(i, spec), daemon=True,
+                                name=f"distexec-check-{spec.label}")
+               for i, spec in enumerate(specs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + options.connect_timeout + 5)
+    for row, spec in zip(rows, specs, strict=True):
+        if not row:
+            row.update(host=spec.label, ok=False, problem="no answer in time")
+    return rows
+
+
 class _RecordingPolicy:
     """Missing host key policy: remember the key (for the message), then refuse or accept."""
 
@@ -137,6 +195,8 @@ def _open_socket(hostname: str, port: int, timeout: float) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                         int(DEAD_PEER_TIMEOUT * 1000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Small messages (a task, a result) must not wait for Nagle's algorithm: 40 ms otherwise.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
@@ -193,6 +253,9 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
                         "password") from exc
     except paramiko.SSHException as exc:
         client.close()
+        if "No authentication methods" in str(exc):
+            raise HostError(f"{where}: no key to log in with: load one into ssh-agent, or name "
+                            "it with IdentityFile in ~/.ssh/config for this host") from exc
         if policy.seen is not None and not options.accept_new_host_keys:
             key = policy.seen
             raise HostError(
@@ -446,8 +509,9 @@ class SSHHost:
             self._cond.notify()
 
     def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-        self._pump.thread.join(max(0.0, timeout))
+        for thread in (self.thread, self._pump.thread):
+            if thread.ident is not None:
+                thread.join(timeout)
 
     # ---------------------------------------------------------------- host thread
     def _run(self) -> None:
