@@ -593,6 +593,23 @@ class Manager:
         else:
             logger.error("host %s cannot be used: %s", host.spec.label, detail)
             self._check_capacity()
+        if all(h.state != "connecting" for h in self._hosts) and \
+                any(h.state == "failed" for h in self._hosts):
+            logger.warning("hosts:\n%s", self._hosts_table())
+
+    def _hosts_table(self) -> str:
+        """One row per host: state, what its interpreter runs, slots, and what is wrong."""
+        rows = [("host", "state", "python", "cloudpickle", "tblib", "distexec", "slots",
+                 "problem")]
+        for h in self._hosts:
+            info = h.info
+            rows.append((h.spec.label, h.state, str(info.get("python", "-")),
+                         str(info.get("cloudpickle", "-")), str(info.get("tblib", "-")),
+                         str(info.get("distexec", "-")), str(h.slots or "-"),
+                         (h.error or "").removeprefix(f"{h.spec.label}: ")))
+        widths = [max(len(r[i]) for r in rows) for i in range(7)]
+        return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r[:7], widths, strict=True))
+                         + "  " + r[7] for r in rows)
 
     def _check_capacity(self) -> None:
         """Break the executor when nothing can ever run its tasks: no local workers wanted,
@@ -606,10 +623,9 @@ class Manager:
         if self.config.listen_host not in ("127.0.0.1", "::1", "localhost") or \
                 not self.config.hosts:
             return  # workers may still join by hand
-        table = "\n".join(f"  {h.spec.label:30} {h.error}" for h in self._hosts)
         self._break(BrokenDistributedExecutor(
-            f"no host is usable, so no worker can run the tasks:\n{table}\nRun 'distexec hosts "
-            "check' with the same hosts to see what is wrong with each"), None)
+            f"no host is usable, so no worker can run the tasks:\n{self._hosts_table()}\nRun "
+            "'distexec hosts check FILE' to check the hosts again"), None)
 
     # ---------------------------------------------------------------- connections
     def _on_accept(self, sock: Any, mask: int) -> None:

@@ -273,3 +273,59 @@ def test_no_remote_worker_survives_a_sigkilled_client(ssh_lab, tmp_path, python_
                 client.kill()
             client.stdout.close()
         assert all(wait_for_pid_gone(pid, 30) for pid in pids)
+
+
+def test_hosts_check_prints_one_row_per_host(ssh_lab, tmp_path, python_env):
+    hosts = tmp_path / "hosts.txt"
+    h1, h2 = ssh_lab.hosts[:2]
+    hosts.write_text(f"{h1.name} slots=3\n{h2.name} python=/no/such/python3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distexec.cli", "hosts", "check", str(hosts),
+         "--ssh-config", str(ssh_lab.ssh_config)],
+        capture_output=True, text=True, env=python_env, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr  # one host is not usable
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:8] == ["host", "ok", "python", "cloudpickle", "tblib", "distexec",
+                                    "slots", "rtt_ms"]
+    row1 = lines[1].split()
+    assert row1[0] == h1.name and row1[1] == "yes" and row1[6] == "3"
+    assert row1[2] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert float(row1[7]) > 0
+    assert lines[2].split()[:2] == [h2.name, "NO"]
+    assert "/no/such/python3 not found there" in lines[2]
+
+
+def test_a_dead_host_does_not_hold_up_the_others(own_lab):
+    h1, h2 = own_lab.hosts
+    own_lab.partition(h1.name, "drop")  # connecting to it hangs until the connect timeout
+    try:
+        with LogWatch() as log, DistributedExecutor(
+                hosts=[f"{h1.name} slots=1", f"{h2.name} slots=1"],
+                ssh_config=str(own_lab.ssh_config)) as ex:
+            assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
+            # The work was done while the dead host was still being tried.
+            assert not log.matching(f"host {h1.name} cannot be used")
+            message = log.wait_for(f"host {h1.name} cannot be used", timeout=60)
+            assert "cannot connect" in message
+    finally:
+        own_lab.heal(h1.name)
+
+
+def test_proxyjump_from_the_ssh_config_is_honoured(ssh_lab, tmp_path):
+    if ssh_lab.mode != "netns":
+        pytest.skip("the jump needs hosts that reach each other by address (netns mode)")
+    h1, h2 = ssh_lab.hosts[:2]
+    config = tmp_path / "ssh_config"
+    config.write_text(ssh_lab.ssh_config.read_text() + textwrap.dedent(f"""
+        Host behind
+            HostName {h2.ip}
+            User root
+            IdentityFile {ssh_lab.key}
+            IdentitiesOnly yes
+            UserKnownHostsFile {ssh_lab.known_hosts}
+            ProxyJump {h1.name}
+        """))
+    with DistributedExecutor(hosts=["behind slots=1"], ssh_config=str(config)) as ex:
+        assert ex.submit(square, 11).result(timeout=60) == 121
+        if ssh_lab.distinct_hostnames:
+            assert ex.submit(hostname).result(timeout=30) == h2.name

@@ -588,9 +588,11 @@ class SSHHost:
         return "exec " + env + " ".join(shlex.quote(a) for a in args)
 
     def launch(self, worker_id: int, key: bytes) -> SSHProcess:
-        """Start a worker (any thread: the host thread does the work). Returns its handle."""
+        """Start a worker (any thread; returns its handle at once). Each start is a few round
+        trips on the SSH connection, so starts run in threads of their own, side by side."""
         proc = SSHProcess(self, worker_id)
-        self.submit(lambda: self._launch_now(proc, key))
+        threading.Thread(target=self._launch_now, args=(proc, key), daemon=True,
+                         name=f"distexec-launch-{self.spec.label}-{worker_id}").start()
         return proc
 
     def _connect_address(self) -> str:
