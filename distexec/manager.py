@@ -1629,15 +1629,17 @@ class Manager:
         for slot in list(self._slots.values()):
             if slot.proc is not None:
                 slot.proc.kill()
+        deadline = time.monotonic() + 5  # for all of them together
         for slot in list(self._slots.values()):
             if slot.proc is not None:
-                if slot.proc.wait(5) is None:
+                if slot.proc.wait(max(0.0, deadline - time.monotonic())) is None:
                     logger.error("worker %d (pid %s) did not die", slot.worker_id, slot.proc.pid)
                 slot.proc.close()
         for host in self._hosts:
             host.close()
+        deadline = time.monotonic() + 10
         for host in self._hosts:
-            host.join(10)
+            host.join(max(0.0, deadline - time.monotonic()))
         for conn in list(self._conns):
             self._close(conn)
         leftover = BrokenDistributedExecutor("the task manager stopped before this task ran")

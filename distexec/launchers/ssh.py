@@ -184,7 +184,10 @@ def _host_config(spec: HostSpec, options: SSHOptions) -> dict[str, Any]:
         found["user"] = spec.user
     if spec.port is not None:
         found["port"] = str(spec.port)
-    found.setdefault("user", os.environ.get("USER") or "root")
+    if "user" not in found:
+        import getpass
+
+        found["user"] = getpass.getuser()
     found.setdefault("port", "22")
     return found
 
@@ -789,7 +792,11 @@ class _Pump:
                 self._emit(proc, b"", True, flush=True)
                 with self._lock:
                     self._procs.pop(channel, None)
-                code = channel.recv_exit_status() if channel.status_event.wait(5) else -1
+                # The status follows the end of output, unless the connection is gone.
+                transport = channel.get_transport()
+                alive = transport is not None and transport.is_active()
+                code = channel.exit_status if channel.status_event.wait(5 if alive else 0) \
+                    else -1
                 channel.close()
                 proc.finish(code)
         except Exception as exc:
