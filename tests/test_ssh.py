@@ -329,3 +329,50 @@ def test_proxyjump_from_the_ssh_config_is_honoured(ssh_lab, tmp_path):
         assert ex.submit(square, 11).result(timeout=60) == 121
         if ssh_lab.distinct_hostnames:
             assert ex.submit(hostname).result(timeout=30) == h2.name
+
+
+def test_proxycommand_and_ssh_agent_are_honoured(ssh_lab, tmp_path):
+    # No IdentityFile: the key comes from an ssh-agent; the connection goes through a
+    # ProxyCommand (OpenSSH's own client, forwarding to the host).
+    import shutil
+
+    if shutil.which("ssh-agent") is None or shutil.which("ssh") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssh-client is missing under CI=true")
+        pytest.skip("openssh-client is missing")
+    host = ssh_lab.hosts[0]
+    agent = subprocess.run(["ssh-agent", "-s", "-a", str(tmp_path / "agent.sock")],
+                           capture_output=True, text=True, check=True, timeout=10)
+    pid = int(agent.stdout.split("SSH_AGENT_PID=")[1].split(";")[0])
+    env_backup = os.environ.get("SSH_AUTH_SOCK")
+    os.environ["SSH_AUTH_SOCK"] = str(tmp_path / "agent.sock")
+    try:
+        subprocess.run(["ssh-add", "-q", str(ssh_lab.key)], check=True, timeout=10,
+                       capture_output=True)
+        config = tmp_path / "ssh_config"
+        config.write_text(textwrap.dedent(f"""\
+            Host viaproxy
+                HostName {host.ip}
+                Port {host.port}
+                User root
+                UserKnownHostsFile {ssh_lab.known_hosts}
+                ProxyCommand ssh -F {ssh_lab.ssh_config} -o BatchMode=yes -W %h:%p {host.name}
+            """))
+        with DistributedExecutor(hosts=["viaproxy slots=1"], ssh_config=str(config)) as ex:
+            assert ex.submit(square, 13).result(timeout=60) == 169
+    finally:
+        if env_backup is None:
+            os.environ.pop("SSH_AUTH_SOCK", None)
+        else:
+            os.environ["SSH_AUTH_SOCK"] = env_backup
+        os.kill(pid, signal.SIGTERM)
+        wait_for_pid_gone(pid, 10)
+
+
+def test_direct_tcp_instead_of_the_tunnel(ssh_lab):
+    with DistributedExecutor(hosts=[f"{ssh_lab.hosts[0].name} slots=1"],
+                             ssh_config=str(ssh_lab.ssh_config), tunnel=False,
+                             listen="0.0.0.0:0", key=os.urandom(32)) as ex:
+        assert ex.submit(square, 8).result(timeout=60) == 64
+        with pytest.raises(ValueError, match="tunnel=False"):
+            DistributedExecutor(hosts=["x"], tunnel=False)
