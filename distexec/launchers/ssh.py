@@ -240,6 +240,15 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
     except OSError as exc:
         raise HostError(f"{where}: cannot connect: {exc}. Check that the host is up and "
                         "reachable and that sshd listens on that port") from exc
+    def transport_factory(sock: Any, **kwargs: Any) -> Any:
+        # Prefer AES-GCM (one pass for encryption and integrity: measurably faster for large
+        # payloads through paramiko); the others stay as fallbacks.
+        transport = paramiko.Transport(sock, **kwargs)
+        options = transport.get_security_options()
+        gcm = [c for c in options.ciphers if "gcm" in c]
+        options.ciphers = tuple(gcm + [c for c in options.ciphers if c not in gcm])
+        return transport
+
     identities = [os.path.expanduser(p) for p in cfg.get("identityfile", [])]
     only = cfg.get("identitiesonly", "no").lower() == "yes"
     try:
@@ -247,7 +256,8 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
             hostname, port, username=user, sock=sock, timeout=options.connect_timeout,
             banner_timeout=options.connect_timeout, auth_timeout=options.connect_timeout,
             key_filename=[p for p in identities if os.path.exists(p)] or None,
-            allow_agent=not only, look_for_keys=not only and not identities)
+            allow_agent=not only, look_for_keys=not only and not identities,
+            transport_factory=transport_factory)
     except paramiko.AuthenticationException as exc:
         client.close()
         raise HostError(f"{where}: login refused ({exc}). Check the user name and that your "
