@@ -34,7 +34,7 @@ from .manager import (
     SharedState,
     interpreter_exiting,
 )
-from .launchers.hosts import HostSpec, parse_hosts, read_hosts_file
+from .launchers.hosts import HostSpec, merge_duplicates, parse_hosts, read_hosts_file
 from .launchers.ssh import SSHOptions
 from .scheduler import Task, TaskKind
 
@@ -253,9 +253,9 @@ class DistributedExecutor(Executor):
         host_specs: tuple[HostSpec, ...] = ()
         if hosts is not None:
             if isinstance(hosts, (str, os.PathLike)):
-                host_specs = tuple(read_hosts_file(hosts))
+                host_specs = tuple(merge_duplicates(read_hosts_file(hosts)))
             else:
-                host_specs = tuple(parse_hosts(list(hosts), "hosts"))
+                host_specs = tuple(merge_duplicates(parse_hosts(list(hosts), "hosts")))
         if max_workers is None:
             max_workers = 0 if host_specs else _default_workers()
         elif max_workers <= 0 and not (max_workers == 0 and (listen is not None or host_specs)):

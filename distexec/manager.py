@@ -450,8 +450,8 @@ class Manager:
             return  # stopping: workers are needed only to finish submitted work
         active = self._active()
         missing = max(0, self._target - active.get("local", 0))
-        host_missing = [(h, h.slots - active.get(h.spec.label, 0))
-                        for h in self._hosts if h.state == "ready"]
+        host_missing = [(h, h.slots - active.get(h.spec.label, 0)) for h in self._hosts
+                        if h.state == "ready" and h.not_before <= time.monotonic()]
         if not missing and not any(n > 0 for _, n in host_missing):
             return
         now = time.monotonic()
@@ -553,14 +553,28 @@ class Manager:
         if origin != "local":
             count = self._host_failures[origin] = self._host_failures.get(origin, 0) + 1
             host = next((h for h in self._hosts if h.spec.label == origin), None)
-            if count >= START_FAILURE_LIMIT and host is not None and host.state == "ready":
-                host.state = "failed"
-                host.error = (f"{origin}: {count} workers in a row failed to start; the last "
-                              f"one: {reason}")
-                logger.error("giving up on host %s; its work goes to the other workers",
-                             host.error)
-                host.close()
-                self._check_capacity()
+            if host is None or host.state != "ready":
+                return
+            if count < START_FAILURE_LIMIT:
+                # Try again on that host after a pause (0.1 s, 0.2 s, ...), not at once.
+                host.not_before = time.monotonic() + RESTART_BACKOFF * 2 ** (count - 1)
+                self._at(host.not_before, self._ensure_workers)
+                return
+            live = self._active().get(origin, 0)
+            if live:
+                # Keep the workers that run; stop adding more (e.g. sshd's MaxSessions).
+                logger.error("host %s: %d workers in a row failed to start (the last one: %s); "
+                             "keeping its %d running worker(s) and starting no more there",
+                             origin, count, reason, live)
+                host.slots = live
+                return
+            host.state = "failed"
+            host.error = (f"{origin}: {count} workers in a row failed to start; the last "
+                          f"one: {reason}")
+            logger.error("giving up on host %s; its work goes to the other workers",
+                         host.error)
+            host.close()
+            self._check_capacity()
             return
         self._start_failures += 1
         self._last_start_failure = reason
@@ -620,9 +634,8 @@ class Manager:
             return
         if any(w.origin == "joined" for w in self._sched.live_workers()):
             return
-        if self.config.listen_host not in ("127.0.0.1", "::1", "localhost") or \
-                not self.config.hosts:
-            return  # workers may still join by hand
+        if not self.config.hosts:
+            return  # an executor that waits for workers started by hand
         self._break(BrokenDistributedExecutor(
             f"no host is usable, so no worker can run the tasks:\n{self._hosts_table()}\nRun "
             "'distexec hosts check FILE' to check the hosts again"), None)

@@ -83,3 +83,13 @@ def test_empty_list_is_an_error():
 def test_labels():
     assert HostSpec("::1", "u", 22).label == "u@[::1]:22"
     assert HostSpec("node").label == "node"
+
+
+def test_duplicate_lines_add_up_their_slots():
+    from distexec.launchers.hosts import merge_duplicates
+
+    specs = parse_hosts(["node1 slots=2", "node2", "node1 slots=3", "node2 slots=4",
+                         "node3 python=/a/python", "node3 python=/b/python"], "f")
+    merged = merge_duplicates(specs)
+    assert [(s.label, s.slots) for s in merged] == [
+        ("node1", 5), ("node2", None), ("node3", None), ("node3#2", None)]

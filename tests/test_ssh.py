@@ -376,3 +376,43 @@ def test_direct_tcp_instead_of_the_tunnel(ssh_lab):
         assert ex.submit(square, 8).result(timeout=60) == 64
         with pytest.raises(ValueError, match="tunnel=False"):
             DistributedExecutor(hosts=["x"], tunnel=False)
+
+
+def test_a_busy_task_manager_does_not_lose_tunnelled_workers(ssh_lab):
+    # A done-callback runs in the task manager thread; while it blocks, nothing reads the
+    # workers' connections. A large result then waits in the tunnel: slowness, not an error.
+    import threading
+
+    with LogWatch() as log, DistributedExecutor(hosts=[f"{ssh_lab.hosts[0].name} slots=2"],
+                                                ssh_config=str(ssh_lab.ssh_config)) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        blocker = ex.submit(square, 1)
+        blocker.add_done_callback(lambda _: threading.Event().wait(7))  # the busy stretch
+        big = ex.submit(os.urandom, 30 * 1024 * 1024)
+        assert len(big.result(timeout=90)) == 30 * 1024 * 1024
+        assert not log.matching("lost worker")
+
+
+def test_many_open_files_do_not_break_the_tunnels(ssh_lab):
+    # select() cannot watch descriptors above 1024; the SSH code must not depend on it.
+    files = [open(os.devnull) for _ in range(1100)]
+    try:
+        with DistributedExecutor(hosts=[f"{ssh_lab.hosts[0].name} slots=1"],
+                                 ssh_config=str(ssh_lab.ssh_config)) as ex:
+            assert ex.submit(square, 9).result(timeout=60) == 81
+    finally:
+        for fh in files:
+            fh.close()
+
+
+def test_no_usable_host_breaks_the_executor_even_with_direct_tcp(own_lab):
+    h1 = own_lab.hosts[0]
+    own_lab.deny(h1.name)
+    try:
+        ex = DistributedExecutor(hosts=[h1.name], ssh_config=str(own_lab.ssh_config),
+                                 tunnel=False, listen="0.0.0.0:0", key=os.urandom(32))
+        with pytest.raises(BrokenDistributedExecutor, match="no host is usable"):
+            ex.submit(square, 2).result(timeout=60)
+        ex.shutdown()
+    finally:
+        own_lab.allow(h1.name)

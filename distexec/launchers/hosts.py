@@ -22,7 +22,8 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["HostSpec", "HostsFileError", "parse_host", "parse_hosts", "read_hosts_file"]
+__all__ = ["HostSpec", "HostsFileError", "merge_duplicates", "parse_host", "parse_hosts",
+           "read_hosts_file"]
 
 # Keys other tools put in hostfiles that mean nothing here; accepted so their files work as-is.
 _IGNORED_KEYS = frozenset({"max_slots", "max-slots"})
@@ -56,6 +57,7 @@ class HostSpec:
     slots: int | None = None
     python: str | None = None
     origin: str = ""
+    suffix: str = ""  # tells apart two specs of the same login (other interpreters)
 
     @property
     def label(self) -> str:
@@ -63,7 +65,7 @@ class HostSpec:
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port is not None else ""
-        return f"{user}{host}{port}"
+        return f"{user}{host}{port}{self.suffix}"
 
 
 def parse_host(line: str, origin: str = "") -> HostSpec | None:
@@ -144,6 +146,34 @@ def parse_hosts(lines: Iterable[str], source: str = "hosts") -> list[HostSpec]:
     if not specs:
         raise HostsFileError(f"{source}: no hosts (only blank or comment lines)")
     return specs
+
+
+def merge_duplicates(specs: list[HostSpec]) -> list[HostSpec]:
+    """One spec per host: lines that name the same login (as Open MPI hostfiles may) add up
+    their slots; a line without slots stands for the host's CPU count, which then wins."""
+    merged: dict[tuple[str, str | None, int | None, str | None], HostSpec] = {}
+    for spec in specs:
+        key = (spec.host, spec.user, spec.port, spec.python)
+        first = merged.get(key)
+        if first is None:
+            merged[key] = spec
+            continue
+        slots = (first.slots + spec.slots if first.slots is not None and spec.slots is not None
+                 else None)
+        merged[key] = HostSpec(first.host, first.user, first.port, slots, first.python,
+                               first.origin)
+    labels = [s.label for s in merged.values()]
+    if len(set(labels)) != len(labels):
+        # The same login with different interpreters: tell them apart in logs and counts.
+        counts: dict[str, int] = {}
+        out = []
+        for spec in merged.values():
+            counts[spec.label] = counts.get(spec.label, 0) + 1
+            out.append(spec if counts[spec.label] == 1 else HostSpec(
+                spec.host, spec.user, spec.port, spec.slots, spec.python,
+                spec.origin, suffix=f"#{counts[spec.label]}"))
+        return out
+    return list(merged.values())
 
 
 def read_hosts_file(path: str | os.PathLike[str]) -> list[HostSpec]:

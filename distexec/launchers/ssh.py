@@ -25,11 +25,12 @@ and closes the channel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import posixpath
-import select
+import selectors
 import shlex
 import socket
 import sys
@@ -109,7 +110,8 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
     def check(index: int, spec: HostSpec) -> None:
         row: dict[str, Any] = {"host": spec.label, "ok": False, "python": None,
                                "cloudpickle": None, "tblib": None, "distexec": None,
-                               "slots": spec.slots, "rtt_ms": None, "problem": ""}
+                               "slots": spec.slots, "rtt_ms": None,
+                               "problem": "no answer in time"}
         rows[index] = row
         client = None
         try:
@@ -124,6 +126,7 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
                 row[name] = info.get(name)
             row["slots"] = spec.slots or info.get("cpus")
             problems = version_problems(here, info)
+            row["problem"] = ""
             if any(p.startswith("Python") for p in problems):
                 row["problem"] = (f"{problems[0]}: set python=/path/to/python"
                                   f"{here['python'].rsplit('.', 1)[0]} for this host")
@@ -138,7 +141,7 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
             row["problem"] = f"{type(exc).__name__}: {exc}"
         finally:
             if client is not None:
-                client.close()
+                close_client(client)
 
     threads = [threading.Thread(target=check, args=(i, spec), daemon=True,
                                 name=f"distexec-check-{spec.label}")
@@ -147,9 +150,6 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
         thread.start()
     for thread in threads:
         thread.join(timeout + options.connect_timeout + 5)
-    for row, spec in zip(rows, specs, strict=True):
-        if not row:
-            row.update(host=spec.label, ok=False, problem="no answer in time")
     return rows
 
 
@@ -222,6 +222,7 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
     policy = _RecordingPolicy(options.accept_new_host_keys)
     client.set_missing_host_key_policy(policy)
     sock: Any = None
+    jumper: Any = None
     try:
         if "proxyjump" in cfg and _depth < 4:
             jump = cfg["proxyjump"].split(",")[0].strip()
@@ -229,8 +230,12 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
 
             jump_spec = parse_host(jump) or HostSpec(jump)
             jumper = connect(jump_spec, options, _depth + 1)
-            sock = jumper.get_transport().open_channel("direct-tcpip", (hostname, port),
-                                                       ("127.0.0.1", 0))
+            try:
+                sock = jumper.get_transport().open_channel("direct-tcpip", (hostname, port),
+                                                           ("127.0.0.1", 0))
+            except Exception as exc:
+                close_client(jumper)
+                raise HostError(f"{where}: the jump host {jump} cannot reach it: {exc}") from exc
         elif "proxycommand" in cfg:
             sock = paramiko.ProxyCommand(cfg["proxycommand"])
         else:
@@ -260,12 +265,16 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
             transport_factory=transport_factory)
     except paramiko.AuthenticationException as exc:
         client.close()
+        if jumper is not None:
+            close_client(jumper)
         raise HostError(f"{where}: login refused ({exc}). Check the user name and that your "
                         "key (ssh-agent or IdentityFile) is in the host's authorized_keys; "
                         f"'ssh {user}@{hostname} -p {port} true' must work without a "
                         "password") from exc
     except paramiko.SSHException as exc:
         client.close()
+        if jumper is not None:
+            close_client(jumper)
         if "No authentication methods" in str(exc):
             raise HostError(f"{where}: no key to log in with: load one into ssh-agent, or name "
                             "it with IdentityFile in ~/.ssh/config for this host") from exc
@@ -278,10 +287,23 @@ def connect(spec: HostSpec, options: SSHOptions, _depth: int = 0) -> Any:
         raise HostError(f"{where}: SSH failed: {exc}") from exc
     except OSError as exc:
         client.close()
+        if jumper is not None:
+            close_client(jumper)
         raise HostError(f"{where}: connection failed: {exc}") from exc
     transport = client.get_transport()
     transport.set_keepalive(KEEPALIVE_INTERVAL)
+    client._distexec_jumper = jumper  # closed with it (close_client)
     return client
+
+
+def close_client(client: Any) -> None:
+    """Close an SSH client and the jump host connection it went through, if any."""
+    try:
+        client.close()
+    finally:
+        jumper = getattr(client, "_distexec_jumper", None)
+        if jumper is not None:
+            close_client(jumper)
 
 
 def _run(client: Any, command: str, timeout: float, stdin: bytes = b"") -> tuple[int, str, str]:
@@ -294,11 +316,13 @@ def _run(client: Any, command: str, timeout: float, stdin: bytes = b"") -> tuple
     channel.shutdown_write()
     out, err = bytearray(), bytearray()
     deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()  # not select(): descriptors may exceed 1024
+    selector.register(channel, selectors.EVENT_READ)
     try:
         while True:
             if time.monotonic() > deadline:
                 raise HostError(f"the command {command[:60]!r} did not finish in {timeout:g} s")
-            select.select([channel], [], [], 0.5)
+            selector.select(0.5)
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(65536)
             if channel.recv_ready():
@@ -312,6 +336,7 @@ def _run(client: Any, command: str, timeout: float, stdin: bytes = b"") -> tuple
     except TimeoutError as exc:
         raise HostError(f"the command {command[:60]!r} timed out") from exc
     finally:
+        selector.close()
         channel.close()
 
 
@@ -370,7 +395,15 @@ def install_packages(client: Any, here: dict[str, str]) -> str:
     sftp = client.open_sftp()
     try:
         home = sftp.normalize(".")
-        tag = f"distexec-{here['distexec']}-cloudpickle-{here['cloudpickle']}-tblib-{here['tblib']}"
+        files = _package_files()
+        digest = hashlib.sha256()
+        for local, relative in files:
+            digest.update(relative.encode() + b"\0")
+            with open(local, "rb") as fh:
+                digest.update(fh.read())
+        # Versions for people, a digest of the files so that edited code is copied again.
+        tag = (f"distexec-{here['distexec']}-cloudpickle-{here['cloudpickle']}-tblib-"
+               f"{here['tblib']}-{digest.hexdigest()[:12]}")
         cache = posixpath.join(home, ".cache", "distexec", tag)
         try:
             sftp.stat(posixpath.join(cache, ".complete"))
@@ -385,7 +418,7 @@ def install_packages(client: Any, here: dict[str, str]) -> str:
                 pass
         staging = f"{cache}.tmp-{os.getpid()}-{threading.get_ident()}"
         made: set[str] = set()
-        for local, relative in _package_files():
+        for local, relative in files:
             target = posixpath.join(staging, *relative.split(os.sep))
             folder = posixpath.dirname(target)
             chain = []
@@ -427,6 +460,7 @@ class SSHProcess:
         self._done = threading.Event()
         self._callbacks: list[Callable[[SSHProcess], None]] = []
         self._lock = threading.Lock()
+        self.lines = {False: bytearray(), True: bytearray()}  # partial stdout/stderr lines
 
     def poll(self) -> int | None:
         return self._code if self._done.is_set() else None
@@ -496,6 +530,7 @@ class SSHHost:
         self.pythonpath: str | None = None
         self.state = "connecting"
         self.error: str | None = None
+        self.not_before = 0.0  # no worker start before (after failed starts); manager thread
         self.client: Any = None
         self.forward_port: int | None = None
         self._on_ready = on_ready
@@ -614,7 +649,12 @@ class SSHHost:
         host, _, port = self.manager_address.rpartition(":")
         if host in ("0.0.0.0", "[::]", "::"):
             # The address of this machine as the host sees it: our end of the SSH connection.
-            host = self.client.get_transport().sock.getsockname()[0]
+            sock = self.client.get_transport().sock
+            if not hasattr(sock, "getsockname"):
+                raise HostError("tunnel=False cannot tell which address of this machine the "
+                                "host reaches through a ProxyJump or ProxyCommand: use the "
+                                "tunnel, or listen on a specific address")
+            host = sock.getsockname()[0]
         return f"{host}:{port}"
 
     def _launch_now(self, proc: SSHProcess, key: bytes) -> None:
@@ -656,7 +696,7 @@ class SSHHost:
                 pass
         if self.client is not None:
             try:
-                self.client.close()
+                close_client(self.client)
             except Exception:
                 pass
         for proc in self._pump.processes():
@@ -664,159 +704,147 @@ class SSHHost:
 
 
 class _Pump:
-    """The tunnel thread of one host: joins forwarded channels to the task manager and relays
-    the workers' output to logging. select() over channels and sockets; never blocks long."""
+    """The tunnels and output relays of one host.
+
+    Each connection a worker opens to the forwarded port arrives as a channel (on paramiko's
+    transport thread, which must not block: it only hands the channel over) and is joined to a
+    TCP connection to the task manager by two threads, one per direction, with blocking I/O:
+    a connection whose reader is slow (a busy worker, a busy task manager) holds up only itself,
+    never its neighbours or their heartbeats. EOF travels as a half-close. One more thread per
+    worker relays its stdout and stderr to logging, line by line.
+    """
 
     def __init__(self, host: SSHHost) -> None:
         self.host = host
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"distexec-tunnel-{host.spec.label}")
-        self._wake_r, self._wake_w = socket.socketpair()
         self._lock = threading.Lock()
-        self._new: list[Any] = []  # forwarded channels to connect
         self._procs: dict[Any, SSHProcess] = {}  # exec channel -> process
-        self._lines: dict[tuple[Any, bool], bytearray] = {}
-        self._pairs: dict[Any, Any] = {}  # channel <-> socket, both ways
+        self._open: set[Any] = set()  # channels and sockets of live tunnels
         self._stopping = False
+        self._count = 0
+        self.thread = threading.Thread(target=lambda: None)  # for join(); never started
 
     def start(self) -> None:
-        self.thread.start()
+        pass
 
     def stop(self) -> None:
         self._stopping = True
-        self._poke()
+        with self._lock:
+            items = list(self._open)
+        for item in items:
+            try:
+                item.close()
+            except Exception:
+                pass
 
     def processes(self) -> list[SSHProcess]:
         with self._lock:
             return list(self._procs.values())
 
-    def _poke(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+    def _name(self, what: str) -> str:
+        self._count += 1
+        return f"distexec-tunnel-{self.host.spec.label}-{what}{self._count}"
 
     def incoming(self, channel: Any, origin: Any, server: Any) -> None:
-        # Runs on paramiko's transport thread: never block here.
-        with self._lock:
-            self._new.append(channel)
-        self._poke()
+        # Runs on paramiko's transport thread: hand over and return at once.
+        threading.Thread(target=self._join, args=(channel,), daemon=True,
+                         name=self._name("c")).start()
 
-    def watch_process(self, proc: SSHProcess) -> None:
-        with self._lock:
-            self._procs[proc.channel] = proc
-        self._poke()
-
-    def _run(self) -> None:
+    def _join(self, channel: Any) -> None:
         host, port = self.host.manager_address.rsplit(":", 1)
         address = (host.strip("[]"), int(port))
         if address[0] in ("0.0.0.0", "::"):
             address = ("127.0.0.1", address[1])
-        while not self._stopping:
-            with self._lock:
-                new, self._new = self._new, []
-                watched = list(self._procs)
-            for channel in new:
-                try:
-                    sock = socket.create_connection(address, timeout=5)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError as exc:
-                    logger.warning("tunnel from %s: cannot reach the task manager: %s",
-                                   self.host.spec.label, exc)
-                    channel.close()
-                    continue
-                self._pairs[channel] = sock
-                self._pairs[sock] = channel
-            readable = [self._wake_r, *self._pairs, *watched]
-            try:
-                ready, _, _ = select.select(readable, [], [], 5.0)
-            except (OSError, ValueError):
-                self._drop_closed()
-                continue
-            for item in ready:
-                if item is self._wake_r:
-                    try:
-                        self._wake_r.recv(4096)
-                    except OSError:
-                        pass
-                elif item in self._procs:
-                    self._relay_output(item)
-                elif item in self._pairs:
-                    self._forward(item)
-        for item in list(self._pairs):
+        try:
+            sock = socket.create_connection(address, timeout=5)
+            sock.settimeout(None)  # blocking from now on: slowness is not an error here
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            logger.warning("tunnel from %s: cannot reach the task manager: %s",
+                           self.host.spec.label, exc)
+            channel.close()
+            return
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                channel.close()
+                return
+            self._open.update((channel, sock))
+        done = threading.Event()
+        upstream = threading.Thread(target=self._copy, args=(channel, sock, done), daemon=True,
+                                    name=self._name("up"))
+        upstream.start()
+        self._copy(sock, channel, done)
+        upstream.join()
+        with self._lock:
+            self._open.discard(channel)
+            self._open.discard(sock)
+        for item in (sock, channel):
             try:
                 item.close()
             except Exception:
                 pass
-        self._pairs.clear()
 
-    def _drop_closed(self) -> None:
-        for item in list(self._pairs):
-            if getattr(item, "closed", False) or (hasattr(item, "fileno") and
-                                                  _closed_socket(item)):
-                self._close_pair(item)
-
-    def _forward(self, src: Any) -> None:
-        dst = self._pairs.get(src)
-        if dst is None:
-            return
+    @staticmethod
+    def _copy(src: Any, dst: Any, other_done: threading.Event) -> None:
+        """Copy until EOF, then half-close the destination; on an error close both ends."""
         try:
-            data = src.recv(262144)
-        except (OSError, EOFError):
-            data = b""
+            while True:
+                data = src.recv(262144)
+                if not data:
+                    break
+                dst.sendall(data)
+            if hasattr(dst, "shutdown_write"):
+                dst.shutdown_write()
+            else:
+                dst.shutdown(socket.SHUT_WR)
         except Exception:
-            data = b""
-        if not data:
-            self._close_pair(src)
-            return
-        try:
-            dst.sendall(data)
-        except Exception:
-            self._close_pair(src)
-
-    def _close_pair(self, one: Any) -> None:
-        other = self._pairs.pop(one, None)
-        if other is not None:
-            self._pairs.pop(other, None)
-        for item in (one, other):
-            if item is not None:
+            for item in (src, dst):
                 try:
                     item.close()
                 except Exception:
                     pass
+        other_done.set()
 
-    def _relay_output(self, channel: Any) -> None:
-        proc = self._procs.get(channel)
-        if proc is None:
-            return
+    def watch_process(self, proc: SSHProcess) -> None:
+        with self._lock:
+            self._procs[proc.channel] = proc
+        threading.Thread(target=self._relay_output, args=(proc,), daemon=True,
+                         name=self._name("out")).start()
+
+    def _relay_output(self, proc: SSHProcess) -> None:
+        channel = proc.channel
+        selector = selectors.DefaultSelector()  # not select(): descriptors may exceed 1024
         try:
-            while channel.recv_stderr_ready():
-                self._emit(proc, channel.recv_stderr(65536), True)
-            if channel.recv_ready():
-                self._emit(proc, channel.recv(65536), False)
-                return
-            if channel.eof_received or channel.closed:
+            selector.register(channel, selectors.EVENT_READ)
+            while True:
+                selector.select(5.0)
                 while channel.recv_stderr_ready():
                     self._emit(proc, channel.recv_stderr(65536), True)
-                self._emit(proc, b"", False, flush=True)
-                self._emit(proc, b"", True, flush=True)
-                with self._lock:
-                    self._procs.pop(channel, None)
-                # The status follows the end of output, unless the connection is gone.
-                transport = channel.get_transport()
-                alive = transport is not None and transport.is_active()
-                code = channel.exit_status if channel.status_event.wait(5 if alive else 0) \
-                    else -1
-                channel.close()
-                proc.finish(code)
+                if channel.recv_ready():
+                    self._emit(proc, channel.recv(65536), False)
+                    continue
+                if channel.eof_received or channel.closed:
+                    break
+            while channel.recv_stderr_ready():
+                self._emit(proc, channel.recv_stderr(65536), True)
+            self._emit(proc, b"", False, flush=True)
+            self._emit(proc, b"", True, flush=True)
+            # The status follows the end of output, unless the connection is gone.
+            transport = channel.get_transport()
+            alive = transport is not None and transport.is_active()
+            code = channel.exit_status if channel.status_event.wait(5 if alive else 0) else -1
+            channel.close()
+            proc.finish(code)
         except Exception as exc:
-            with self._lock:
-                self._procs.pop(channel, None)
             proc.finish(-1, f"lost the SSH channel of the worker on {self.host.spec.label}: "
                             f"{exc}")
+        finally:
+            selector.close()
+            with self._lock:
+                self._procs.pop(channel, None)
 
     def _emit(self, proc: SSHProcess, data: bytes, stderr: bool, flush: bool = False) -> None:
-        buf = self._lines.setdefault((proc, stderr), bytearray())
+        buf = proc.lines[stderr]
         buf += data
         *lines, rest = bytes(buf).split(b"\n")
         if flush and rest:
@@ -827,12 +855,3 @@ class _Pump:
         for line in lines:
             remote_logger.log(level, "[worker %d on %s] %s", proc.worker_id,
                               self.host.spec.label, line.decode(errors="replace").rstrip("\r"))
-        if flush:
-            self._lines.pop((proc, stderr), None)
-
-
-def _closed_socket(sock: Any) -> bool:
-    try:
-        return bool(sock.fileno() < 0)
-    except Exception:
-        return True
