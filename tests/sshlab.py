@@ -641,6 +641,10 @@ class Lab:
                  "AcceptEnv LANG LC_*",
                  "Subsystem sftp internal-sftp",
                  "LogLevel VERBOSE",
+                 # Root's .bashrc may run `pyenv init` (and so `pyenv rehash`) for every SSH
+                 # command; a session killed mid-rehash (a crashed host) leaves its lock file,
+                 # and every later command would wait 60 s for it. One second is enough.
+                 "SetEnv PYENV_REHASH_TIMEOUT=1",
                  *extra]
         host.config.write_text("\n".join(lines) + "\n")
 
