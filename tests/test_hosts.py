@@ -24,13 +24,15 @@ pytestmark = pytest.mark.timeout(10)
                                                           python="/opt/py/bin/python3")),
     ("[2001:db8::1]:2200 slots=2", HostSpec("2001:db8::1", port=2200, slots=2)),
     ("bob@[::1]", HostSpec("::1", user="bob")),
-    ("node3 slots=4 max_slots=8", HostSpec("node3", slots=4)),  # Open MPI hostfile line
+    ("node3 slots=4 max_slots=8", HostSpec("node3", slots=4,  # an Open MPI hostfile line
+                                           settings=(("max_slots", "8"),))),
+    ("node5 gpus=2 zone=eu", HostSpec("node5", settings=(("gpus", "2"), ("zone", "eu")))),
     ("  node4\tslots=2   # the big one", HostSpec("node4", slots=2)),
 ])
 def test_lines(line, expected):
     spec = parse_host(line, "f:1")
     assert spec == HostSpec(expected.host, expected.user, expected.port, expected.slots,
-                            expected.python, "f:1")
+                            expected.python, "f:1", settings=expected.settings)
 
 
 @pytest.mark.parametrize("line", ["", "   ", "# a comment", "  # indented comment"])
@@ -41,7 +43,9 @@ def test_blank_and_comment_lines(line):
 @pytest.mark.parametrize("line, why", [
     ("node1 slots=0", "slots must be a whole number >= 1"),
     ("node1 slots=four", "slots must be a whole number >= 1"),
-    ("node1 slot=4", "unknown setting 'slot'"),
+    ("node1 slot=4", "unknown setting 'slot' (did you mean 'slots'?)"),
+    ("node1 pyhton=/usr/bin/python3", "did you mean 'python'?"),
+    ("node1 =3", "needs a key and a value"),
     ("node1 python=python3", "python must be an absolute path"),
     ("node1:99999", "port must be a number from 1 to 65535"),
     ("node1:", "port must be a number"),

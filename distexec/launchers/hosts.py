@@ -3,7 +3,7 @@
 A hosts file has one host per line::
 
     # comment lines and blank lines are ignored; so is anything after " #"
-    [user@]host[:port] [slots=N] [python=/abs/path/python]
+    [user@]host[:port] [slots=N] [python=/abs/path/python] [key=value ...]
 
 * ``host`` is a name (resolved through ``~/.ssh/config`` like ``ssh`` does, so aliases work), an
   IPv4 address, or an IPv6 address in brackets (``[2001:db8::1]:2222``).
@@ -11,13 +11,17 @@ A hosts file has one host per line::
 * ``python``: the interpreter to run there, as an absolute path; default: the path of the
   interpreter running the executor (right for identical machines or a shared filesystem).
 
-Open MPI hostfiles (``node1 slots=4``, ``node2 slots=4 max_slots=8``) work as they are:
-``max_slots``/``max-slots`` are accepted and ignored. Any other ``key=value`` is an error, so that
-a typo (``slot=4``) does not go unnoticed. The same lines can be given as a Python list.
+* other ``key=value`` settings (``gpus=2``, ``zone=a``) are kept with the host (see
+  :attr:`HostSpec.settings`) for placing tasks; a key that looks like a misspelt known one
+  (``slot=4``, ``pyhton=...``) is an error, so that a typo does not go unnoticed.
+
+Open MPI hostfiles (``node1 slots=4``, ``node2 slots=4 max_slots=8``) work as they are
+(``max_slots`` is kept like any other setting). The same lines can be given as a Python list.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,8 +29,6 @@ from dataclasses import dataclass
 __all__ = ["HostSpec", "HostsFileError", "merge_duplicates", "parse_host", "parse_hosts",
            "read_hosts_file"]
 
-# Keys other tools put in hostfiles that mean nothing here; accepted so their files work as-is.
-_IGNORED_KEYS = frozenset({"max_slots", "max-slots"})
 _KNOWN_KEYS = ("slots", "python")
 
 
@@ -49,6 +51,7 @@ class HostSpec:
         slots: workers to run there, or None for the host's CPU count.
         python: absolute path of the interpreter there, or None for the default.
         origin: where the spec came from (``"hosts.txt:3"``), for messages.
+        settings: the other ``key=value`` settings of the line, in order.
     """
 
     host: str
@@ -58,6 +61,7 @@ class HostSpec:
     python: str | None = None
     origin: str = ""
     suffix: str = ""  # tells apart two specs of the same login (other interpreters)
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -104,6 +108,7 @@ def parse_host(line: str, origin: str = "") -> HostSpec | None:
     if not host:
         raise fail("no host name")
     slots = python = None
+    settings = []
     seen = set()
     for item in rest:
         key, sep, value = item.partition("=")
@@ -120,9 +125,14 @@ def parse_host(line: str, origin: str = "") -> HostSpec | None:
             if not value.startswith("/"):
                 raise fail(f"python must be an absolute path, got {value!r}")
             python = value
-        elif key not in _IGNORED_KEYS:
-            raise fail(f"unknown setting {key!r} (known: {', '.join(_KNOWN_KEYS)})")
-    return HostSpec(host, user, port, slots, python, origin)
+        else:
+            near = difflib.get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.75)
+            if near:
+                raise fail(f"unknown setting {key!r} (did you mean {near[0]!r}?)")
+            if not key or not value:
+                raise fail(f"{item!r} needs a key and a value")
+            settings.append((key, value))
+    return HostSpec(host, user, port, slots, python, origin, settings=tuple(settings))
 
 
 def _port(text: str, fail: Callable[[str], HostsFileError]) -> int:
@@ -161,7 +171,8 @@ def merge_duplicates(specs: list[HostSpec]) -> list[HostSpec]:
         slots = (first.slots + spec.slots if first.slots is not None and spec.slots is not None
                  else None)
         merged[key] = HostSpec(first.host, first.user, first.port, slots, first.python,
-                               first.origin)
+                               first.origin, settings=first.settings + tuple(
+                                   kv for kv in spec.settings if kv not in first.settings))
     labels = [s.label for s in merged.values()]
     if len(set(labels)) != len(labels):
         # The same login with different interpreters: tell them apart in logs and counts.
@@ -171,7 +182,7 @@ def merge_duplicates(specs: list[HostSpec]) -> list[HostSpec]:
             counts[spec.label] = counts.get(spec.label, 0) + 1
             out.append(spec if counts[spec.label] == 1 else HostSpec(
                 spec.host, spec.user, spec.port, spec.slots, spec.python,
-                spec.origin, suffix=f"#{counts[spec.label]}"))
+                spec.origin, suffix=f"#{counts[spec.label]}", settings=spec.settings))
         return out
     return list(merged.values())
 
