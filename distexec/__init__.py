@@ -23,16 +23,24 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .executor import DistributedExecutor, TaskOptions, WorkerInfo
+    from .executor import (
+        DistributedExecutor,
+        ExecutorStatus,
+        TaskCounts,
+        TaskOptions,
+        WorkerInfo,
+    )
 
 __all__ = [
     "BrokenDistributedExecutor",
     "DistexecError",
     "DistributedExecutor",
+    "ExecutorStatus",
     "HandshakeError",
     "LostAttempt",
     "ProtocolError",
     "RemoteError",
+    "TaskCounts",
     "TaskOptions",
     "TaskPicklingError",
     "TaskTimeoutError",
@@ -45,7 +53,7 @@ __all__ = [
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
-_LAZY = ("DistributedExecutor", "TaskOptions", "WorkerInfo")
+_LAZY = ("DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo")
 
 
 def __getattr__(name: str) -> Any:

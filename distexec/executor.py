@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError
@@ -27,6 +27,7 @@ from .manager import (
     CMD_ABORT,
     CMD_QUERY,
     CMD_RESIZE,
+    CMD_STATUS,
     CMD_SHUTDOWN,
     CMD_TERMINATE,
     Manager,
@@ -38,7 +39,7 @@ from .launchers.hosts import HostSpec, merge_duplicates, parse_hosts, read_hosts
 from .launchers.ssh import SSHOptions
 from .scheduler import Task, TaskKind
 
-__all__ = ["DistributedExecutor", "TaskOptions", "WorkerInfo"]
+__all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
 KEY_ENV = "DISTEXEC_KEY"
 # Shortest key accepted from the user (bytes): 128 bits.
@@ -96,6 +97,39 @@ class WorkerInfo:
     running: int | None
     tasks_done: int
     last_heartbeat_age: float | None
+
+
+class TaskCounts(NamedTuple):
+    """How many tasks are in each state (for one tag, or in total).
+
+    Attributes:
+        waiting: submitted, not sent to a worker yet (including tasks re-queued after a loss).
+        running: sent to a worker (running, or prefetched by it).
+        finished: completed with a result.
+        failed: completed with an exception.
+        cancelled: cancelled or aborted.
+    """
+
+    waiting: int = 0
+    running: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+@dataclass(frozen=True)
+class ExecutorStatus:
+    """A snapshot of an executor, as returned by :meth:`DistributedExecutor.status`.
+
+    Attributes:
+        tags: task counts per tag (``None`` for tasks without a tag), for every tag used so far.
+        total: the counts over all tags.
+        workers: the live workers.
+    """
+
+    tags: dict[Any, TaskCounts]
+    total: TaskCounts
+    workers: list[WorkerInfo]
 
 
 def _check_time_limit(time_limit: float | None) -> float | None:
@@ -399,9 +433,10 @@ class DistributedExecutor(Executor):
 
     def _submit(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any] | None,
                 kind: TaskKind, time_limit: float | None = None,
-                max_retries: int | None = None) -> Future[Any]:
+                max_retries: int | None = None, tag: Any = None) -> Future[Any]:
         future: Future[Any] = Future()
-        task = Task(next(_task_ids), future, fn, args, kwargs, kind, time_limit, max_retries)
+        task = Task(next(_task_ids), future, fn, args, kwargs, kind, time_limit, max_retries,
+                    tag)
         future._distexec_task_id = task.id  # type: ignore[attr-defined]  # for abort()
         shared = self._shared
         with shared.lock:
@@ -456,7 +491,8 @@ class DistributedExecutor(Executor):
         An exception raised by ``fn`` is raised by ``__next__`` when its result is reached;
         remaining work is cancelled when the iterator is closed or garbage-collected.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._time_limit, None)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, self._time_limit, None,
+                         None)
 
     def _map(
         self,
@@ -467,6 +503,7 @@ class DistributedExecutor(Executor):
         buffersize: int | None,
         time_limit: float | None,
         max_retries: int | None,
+        tag: Any,
     ) -> Iterator[T]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -484,7 +521,7 @@ class DistributedExecutor(Executor):
             kind = TaskKind.CALL
 
         def submit_one(ex: DistributedExecutor, item: Any) -> Future[Any]:
-            return ex._submit(fn, item, None, kind, time_limit, max_retries)
+            return ex._submit(fn, item, None, kind, time_limit, max_retries, tag)
 
         if buffersize is None:
             futures = deque(submit_one(self, item) for item in work)
@@ -496,7 +533,8 @@ class DistributedExecutor(Executor):
                             end_time, chunksize > 1)
 
     def options(
-        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET
+        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET,
+        tag: Any = _UNSET,
     ) -> TaskOptions:
         """Return a view of this executor whose ``submit`` and ``map`` use other task options.
 
@@ -507,12 +545,14 @@ class DistributedExecutor(Executor):
             time_limit: seconds a task may run before it is stopped (its worker replaced) and
                 its future fails with :class:`~distexec.TaskTimeoutError`; None: no limit.
             max_retries: re-runs allowed when the worker running the task is lost.
+            tag: any hashable value; :meth:`status` counts tasks per tag.
 
         Raises:
             ValueError: ``time_limit`` is not positive or ``max_retries`` is negative.
+            TypeError: ``tag`` is not hashable.
         """
         return TaskOptions(self, self._time_limit, None).options(
-            time_limit=time_limit, max_retries=max_retries)
+            time_limit=time_limit, max_retries=max_retries, tag=tag)
 
     # ------------------------------------------------------------------ control
     def _ask(self, command: str, *args: Any) -> Any:
@@ -612,6 +652,18 @@ class DistributedExecutor(Executor):
         snapshot = self._ask(CMD_QUERY) or []
         return [WorkerInfo(**item) for item in snapshot]
 
+    def status(self) -> ExecutorStatus:
+        """Task counts per tag and in total, and the workers with what each is doing.
+
+        Tasks get a tag with ``ex.options(tag=...)``; untagged tasks are counted under ``None``.
+        Before the executor started, or after it stopped, the counts are empty.
+        """
+        answer = self._ask(CMD_STATUS)
+        counts, workers = answer if answer is not None else ({}, [])
+        tags = {tag: TaskCounts(*c) for tag, c in counts.items()}
+        total = TaskCounts(*(sum(c[i] for c in tags.values()) for i in range(5)))
+        return ExecutorStatus(tags, total, [WorkerInfo(**w) for w in workers])
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
                  cancel_running: bool = False) -> None:
         """Stop accepting tasks and release the workers once the submitted work is done.
@@ -676,22 +728,28 @@ class TaskOptions:
     """
 
     def __init__(self, executor: DistributedExecutor, time_limit: float | None,
-                 max_retries: int | None) -> None:
+                 max_retries: int | None, tag: Any = None) -> None:
         self._executor = executor
         self.time_limit = time_limit
         self.max_retries = max_retries
+        self.tag = tag
 
     def __repr__(self) -> str:
-        return f"<TaskOptions time_limit={self.time_limit} max_retries={self.max_retries}>"
+        return (f"<TaskOptions time_limit={self.time_limit} max_retries={self.max_retries} "
+                f"tag={self.tag!r}>")
 
     def options(
-        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET
+        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET,
+        tag: Any = _UNSET,
     ) -> TaskOptions:
         """These options, with the ones given replaced."""
+        if tag is not _UNSET:
+            hash(tag)  # TypeError for an unhashable tag, here rather than in the manager
         return TaskOptions(
             self._executor,
             self.time_limit if time_limit is _UNSET else _check_time_limit(time_limit),
             self.max_retries if max_retries is _UNSET else _check_max_retries(max_retries),
+            self.tag if tag is _UNSET else tag,
         )
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
@@ -699,7 +757,7 @@ class TaskOptions:
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
         return self._executor._submit(fn, args, kwargs or None, TaskKind.CALL, self.time_limit,
-                                      self.max_retries)
+                                      self.max_retries, self.tag)
 
     def map(
         self,
@@ -711,7 +769,7 @@ class TaskOptions:
     ) -> Iterator[T]:
         """:meth:`DistributedExecutor.map` with these options (applied to each chunk)."""
         return self._executor._map(fn, iterables, timeout, chunksize, buffersize,
-                                   self.time_limit, self.max_retries)
+                                   self.time_limit, self.max_retries, self.tag)
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:

@@ -155,6 +155,7 @@ CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason)
 CMD_ABORT = "abort"  # (CMD_ABORT, task_id, reply future -> bool)
 CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
 CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
+CMD_STATUS = "status"  # (CMD_STATUS, reply future -> (tag counts, worker snapshots))
 
 
 def force_cancel(future: Future[Any]) -> bool:
@@ -417,6 +418,8 @@ class Manager:
             self._resize(command[1])
         elif name == CMD_QUERY:
             _settle(command[1], True, self.snapshot())
+        elif name == CMD_STATUS:
+            _settle(command[1], True, (self._sched.tag_counts(), self.snapshot()))
         else:  # pragma: no cover - programming error
             raise ValueError(f"unknown command {command!r}")
 

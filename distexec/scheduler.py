@@ -106,6 +106,9 @@ _WORKER_EDGES: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 
+_ENDED_INDEX = {TaskState.DONE: 0, TaskState.FAILED: 1, TaskState.CANCELLED: 2}
+
+
 class InvalidTransition(RuntimeError):
     """A state change the diagrams above do not allow: a bug in distexec."""
 
@@ -114,7 +117,7 @@ class Task:
     """One unit of work. Created in the caller's thread, owned by the manager thread after that."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
-                 "time_limit", "max_retries", "losses")
+                 "time_limit", "max_retries", "losses", "tag")
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class Task:
         kind: TaskKind = TaskKind.CALL,
         time_limit: float | None = None,
         max_retries: int | None = None,
+        tag: Any = None,
     ) -> None:
         self.id = task_id
         self.future = future
@@ -139,6 +143,7 @@ class Task:
         self.time_limit = time_limit  # seconds, or None
         self.max_retries = max_retries  # None: the executor's default
         self.losses: list[LostAttempt] | None = None
+        self.tag = tag  # any hashable; status counts are kept per tag
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} attempt={self.attempt}>"
@@ -223,6 +228,24 @@ class Scheduler:
         self.finished = 0
         self.failed = 0
         self.cancelled = 0
+        # Per tag: [done, failed, cancelled]. Queued and assigned tasks are counted only when
+        # asked (tag_counts), so that the per-task cost is one counter, at the end.
+        self.tag_ended: dict[Any, list[int]] = {}
+
+    def tag_counts(self) -> dict[Any, tuple[int, int, int, int, int]]:
+        """Per tag: (queued, assigned, done, failed, cancelled). O(pending tasks)."""
+        live: dict[Any, list[int]] = {}
+        for task in self.tasks.values():
+            counts = live.get(task.tag)
+            if counts is None:
+                counts = live[task.tag] = [0, 0]
+            counts[task.state is not TaskState.QUEUED] += 1
+        out = {}
+        for tag in live.keys() | self.tag_ended.keys():
+            queued, assigned = live.get(tag, (0, 0))
+            done, failed, cancelled = self.tag_ended.get(tag, (0, 0, 0))
+            out[tag] = (queued, assigned, done, failed, cancelled)
+        return out
 
     # -- tasks ---------------------------------------------------------------------------
     def add_task(self, task: Task) -> None:
@@ -243,6 +266,10 @@ class Scheduler:
 
     def _finish(self, task: Task, state: TaskState) -> None:
         task.transition(state)
+        ended = self.tag_ended.get(task.tag)
+        if ended is None:
+            ended = self.tag_ended[task.tag] = [0, 0, 0]
+        ended[_ENDED_INDEX[state]] += 1
         del self.tasks[task.id]
         if task.worker_id is not None:
             self._unassign(task)
