@@ -25,6 +25,7 @@ from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError
 from .manager import (
     CMD_ABORT,
+    CMD_BARRIER,
     CMD_QUERY,
     CMD_RESIZE,
     CMD_STATUS,
@@ -651,6 +652,44 @@ class DistributedExecutor(Executor):
         """A snapshot of the live workers (local and joined by hand), by worker id."""
         snapshot = self._ask(CMD_QUERY) or []
         return [WorkerInfo(**item) for item in snapshot]
+
+    def wait_for_all(self, timeout: float | None = None) -> None:
+        """Block until every task submitted before this call (by any thread that submitted
+        before it) has finished, failed or been cancelled.
+
+        Raises:
+            TimeoutError: some of those tasks were still pending after ``timeout`` seconds.
+        """
+        manager = self._manager
+        if manager is None or not manager.thread.is_alive():
+            return
+        reply: Future[Any] = Future()
+        if threading.current_thread() is manager.thread:
+            raise RuntimeError("wait_for_all() cannot be called from a done-callback: the task "
+                               "manager would wait for itself")
+        manager.post((CMD_BARRIER, next(_task_ids), reply))
+        try:
+            reply.result(timeout)
+        except FuturesTimeoutError:
+            raise TimeoutError(f"tasks were still pending after {timeout:g} s") from None
+
+    def barrier(self, futures: Iterable[Future[Any]] | None = None,
+                timeout: float | None = None) -> None:
+        """Block until every given future is done; with no futures, like :meth:`wait_for_all`.
+
+        Unlike :func:`concurrent.futures.wait`, this raises when the time is up.
+
+        Raises:
+            TimeoutError: some futures were still pending after ``timeout`` seconds.
+        """
+        if futures is None:
+            self.wait_for_all(timeout)
+            return
+        from concurrent.futures import ALL_COMPLETED, wait
+
+        pending = wait(list(futures), timeout, return_when=ALL_COMPLETED).not_done
+        if pending:
+            raise TimeoutError(f"{len(pending)} future(s) still pending after {timeout:g} s")
 
     def status(self) -> ExecutorStatus:
         """Task counts per tag and in total, and the workers with what each is doing.

@@ -156,6 +156,7 @@ CMD_ABORT = "abort"  # (CMD_ABORT, task_id, reply future -> bool)
 CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
 CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
 CMD_STATUS = "status"  # (CMD_STATUS, reply future -> (tag counts, worker snapshots))
+CMD_BARRIER = "barrier"  # (CMD_BARRIER, task id, reply): reply once every earlier task ended
 
 
 def force_cancel(future: Future[Any]) -> bool:
@@ -313,6 +314,7 @@ class Manager:
         self._crash_streak = 0  # workers lost in a row with no task finishing in between
         self._launch_not_before = 0.0  # restart backoff
         self._launch_timer = False  # a deadline to call _ensure_workers is pending
+        self._barriers: list[tuple[int, Future[Any]]] = []  # (task id, reply) of wait_for_all
         self._hosts: list[SSHHost] = []
         self._host_events: deque[tuple[str, SSHHost, str]] = deque()  # from host threads
         self._host_failures: dict[str, int] = {}  # failed worker starts in a row, per host
@@ -376,6 +378,8 @@ class Manager:
             self._on_host_event(*self._host_events.popleft())
         self._run_deadlines()
         self._dispatch()
+        if self._barriers:
+            self._check_barriers()
         if self._closing:
             self._progress_shutdown()
 
@@ -418,6 +422,9 @@ class Manager:
             self._resize(command[1])
         elif name == CMD_QUERY:
             _settle(command[1], True, self.snapshot())
+        elif name == CMD_BARRIER:
+            self._barriers.append((command[1], command[2]))
+            self._check_barriers()
         elif name == CMD_STATUS:
             _settle(command[1], True, (self._sched.tag_counts(), self.snapshot()))
         else:  # pragma: no cover - programming error
@@ -1260,6 +1267,20 @@ class Manager:
         self._publish()
         slot.proc.kill()
 
+    def _check_barriers(self) -> None:
+        """Answer the wait_for_all() calls whose earlier tasks have all ended."""
+        tasks = self._sched.tasks
+        oldest = next(iter(tasks), None)  # insertion order: (nearly) the smallest id
+        still = []
+        for threshold, reply in self._barriers:
+            if oldest is not None and oldest < threshold:
+                still.append((threshold, reply))
+            elif oldest is not None and any(tid < threshold for tid in tasks):
+                still.append((threshold, reply))  # a rare out-of-order submission
+            else:
+                _settle(reply, True, None)
+        self._barriers = still
+
     # ---------------------------------------------------------------- status
     def _publish(self) -> None:
         """Tell waiting callers how many workers are ready (wait_for_workers)."""
@@ -1661,6 +1682,8 @@ class Manager:
         leftover = BrokenDistributedExecutor("the task manager stopped before this task ran")
         for task in list(self._sched.tasks.values()):
             _settle(task.future, False, leftover)
+        for _, reply in self._barriers:
+            _settle(reply, True, None)  # every task has ended now, one way or another
         with self.shared.lock:
             self.shared.shutdown = True
             self.shared.stopped = True

@@ -59,3 +59,22 @@ def test_tags_must_be_hashable():
         ex.options(tag=["not", "hashable"])
     assert ex.options(tag="a").options(max_retries=1).tag == "a"
     ex.shutdown()
+
+
+def test_wait_for_all_and_barrier():
+    with DistributedExecutor(max_workers=2) as ex, Gate() as gate:
+        ex.wait_for_all()  # nothing submitted (not even started): returns at once
+        gated = [ex.submit(wait_gate, gate.address, i) for i in range(2)]
+        quick = [ex.submit(square, i) for i in range(20)]
+        gate.wait_arrivals(2)
+        with pytest.raises(TimeoutError, match="still pending"):
+            ex.wait_for_all(timeout=0.3)
+        with pytest.raises(TimeoutError, match="2 future"):
+            ex.barrier(gated, timeout=0.3)
+        gate.open()
+        ex.barrier(gated, timeout=30)
+        assert all(f.done() for f in gated)
+        ex.wait_for_all(timeout=30)
+        assert all(f.done() for f in quick)
+        assert [f.result() for f in quick] == [i * i for i in range(20)]
+        ex.barrier(timeout=30)  # no futures: everything submitted so far
