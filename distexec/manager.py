@@ -508,29 +508,25 @@ class Manager:
         record = self._sched.add_worker(worker_id, socket.gethostname() if host is None
                                         else host.spec.label,
                                         self.config.max_tasks_per_child, now)
+        proc: LocalProcess | SSHProcess
         if host is not None:
             record.local = False
             record.origin = host.spec.label
-            sproc = host.launch(worker_id, self.key)
-            self._slots[worker_id] = _Slot(worker_id, sproc)
-            sproc.watch(self._exit_from_thread)
-            self._at(now + self.config.worker_start_timeout,
-                     partial(self._check_started, worker_id))
-            return
-        try:
-            proc = self._launcher.start(worker_id, self.address, self.key)
-        except OSError as exc:
-            record.transition(WorkerState.LOST)
-            self._sched.forget_worker(worker_id)
-            self._start_failed(f"worker {worker_id} could not be started with "
-                               f"{self._launcher.python}: {exc}")
-            # Try again shortly (nothing else would): the failure limit breaks the executor.
-            self._at(now + 0.05 * 2 ** self._start_failures, self._ensure_workers)
-            return
-        record.pid = proc.pid
-        slot = _Slot(worker_id, proc)
-        self._slots[worker_id] = slot
-        if proc.pidfd is not None:
+            proc = host.launch(worker_id, self.key)  # starts in the background
+        else:
+            try:
+                proc = self._launcher.start(worker_id, self.address, self.key)
+            except OSError as exc:
+                record.transition(WorkerState.LOST)
+                self._sched.forget_worker(worker_id)
+                self._start_failed(f"worker {worker_id} could not be started with "
+                                   f"{self._launcher.python}: {exc}")
+                # Try again shortly (nothing else would): the failure limit breaks it.
+                self._at(now + 0.05 * 2 ** self._start_failures, self._ensure_workers)
+                return
+            record.pid = proc.pid
+        self._slots[worker_id] = _Slot(worker_id, proc)
+        if isinstance(proc, LocalProcess) and proc.pidfd is not None:
             self._selector.register(proc.pidfd, selectors.EVENT_READ,
                                     self._exit_handler(proc))
         else:

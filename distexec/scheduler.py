@@ -225,9 +225,6 @@ class Scheduler:
         self.tasks: dict[int, Task] = {}
         self.queue: deque[Task] = deque()
         self.workers: dict[int, WorkerRecord] = {}
-        self.finished = 0
-        self.failed = 0
-        self.cancelled = 0
         # Per tag: [done, failed, cancelled]. Queued and assigned tasks are counted only when
         # asked (tag_counts), so that the per-task cost is one counter, at the end.
         self.tag_ended: dict[Any, list[int]] = {}
@@ -274,12 +271,6 @@ class Scheduler:
         if task.worker_id is not None:
             self._unassign(task)
         task.release()
-        if state is TaskState.DONE:
-            self.finished += 1
-        elif state is TaskState.FAILED:
-            self.failed += 1
-        else:
-            self.cancelled += 1
 
     def cancel_queued(self) -> list[Task]:
         """Take every queued task out (shutdown with cancel_futures); caller cancels futures."""
@@ -429,7 +420,7 @@ class Scheduler:
         return {
             "queued": len(self.queue),
             "assigned": assigned,
-            "finished": self.finished,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
+            "finished": sum(ended[0] for ended in self.tag_ended.values()),
+            "failed": sum(ended[1] for ended in self.tag_ended.values()),
+            "cancelled": sum(ended[2] for ended in self.tag_ended.values()),
         }

@@ -241,3 +241,15 @@ class Box:
 
 def make_box(n: int) -> Box:
     return Box(b"x" * n)
+
+
+def occupy_local_and_hand_worker(executor, hand_workers, gate):
+    """Start one hand worker next to the executor's one local worker and hold a task on each
+    at ``gate``. Returns (the hand worker's Popen, the two futures, its WorkerInfo)."""
+    executor.wait_for_workers(1, timeout=30)
+    (proc,) = hand_workers(executor, 1)
+    executor.wait_for_workers(2, timeout=30)
+    futures = [executor.submit(wait_gate, gate.address, i) for i in range(2)]
+    gate.wait_arrivals(2)
+    remote = next(w for w in executor.workers() if not w.local)
+    return proc, futures, remote

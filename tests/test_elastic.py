@@ -22,7 +22,16 @@ import pytest
 
 from distexec import DistributedExecutor, TaskTimeoutError
 
-from helpers import Gate, LogWatch, getpid, square, wait_for_pid_gone, wait_gate, worker_running
+from helpers import (
+    Gate,
+    LogWatch,
+    getpid,
+    occupy_local_and_hand_worker,
+    square,
+    wait_for_pid_gone,
+    wait_gate,
+    worker_running,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -203,12 +212,7 @@ def test_worker_with_the_wrong_key_is_refused_and_the_executor_carries_on(python
 def test_sigterm_on_a_hand_worker_leaves_after_its_task_without_a_retry(hand_workers):
     with LogWatch() as log, DistributedExecutor(max_workers=1, listen="127.0.0.1:0") as ex, \
             Gate() as gate:
-        ex.wait_for_workers(1, timeout=30)
-        (proc,) = hand_workers(ex, 1)
-        ex.wait_for_workers(2, timeout=30)
-        futures = [ex.submit(wait_gate, gate.address, i) for i in range(2)]
-        gate.wait_arrivals(2)
-        remote = next(w for w in ex.workers() if not w.local)
+        proc, futures, remote = occupy_local_and_hand_worker(ex, hand_workers, gate)
         assert remote.pid == proc.pid
         (mine,) = [f for f in futures if worker_running(ex, f).worker_id == remote.worker_id]
         proc.send_signal(signal.SIGTERM)
@@ -437,12 +441,7 @@ def test_sigterm_on_an_idle_hand_worker_leaves_at_once(hand_workers):
 def test_second_sigterm_exits_at_once_and_the_task_runs_again(hand_workers):
     with LogWatch() as log, DistributedExecutor(max_workers=1, listen="127.0.0.1:0") as ex, \
             Gate() as gate:
-        ex.wait_for_workers(1, timeout=30)
-        (proc,) = hand_workers(ex, 1)
-        ex.wait_for_workers(2, timeout=30)
-        futures = [ex.submit(wait_gate, gate.address, i) for i in range(2)]
-        gate.wait_arrivals(2)
-        remote = next(w for w in ex.workers() if not w.local)
+        proc, futures, remote = occupy_local_and_hand_worker(ex, hand_workers, gate)
         (mine,) = [f for f in futures if worker_running(ex, f).worker_id == remote.worker_id]
         proc.send_signal(signal.SIGTERM)
         log.wait_for("asked to leave")  # the first signal was handled

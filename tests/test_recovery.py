@@ -24,6 +24,7 @@ from helpers import (
     getpid,
     hold_gil,
     kill_self,
+    occupy_local_and_hand_worker,
     spin_square,
     square,
     wait_for_pid_gone,
@@ -204,12 +205,7 @@ def test_worker_killed_between_tasks_costs_nothing():
 def test_hand_worker_that_vanishes_has_its_task_rerun(hand_workers):
     with LogWatch() as log, DistributedExecutor(max_workers=1, listen="127.0.0.1:0") as ex, \
             Gate() as gate:
-        ex.wait_for_workers(1, timeout=30)
-        (proc,) = hand_workers(ex, 1)
-        ex.wait_for_workers(2, timeout=30)
-        futures = [ex.submit(wait_gate, gate.address, i) for i in range(2)]
-        gate.wait_arrivals(2)
-        remote = next(w for w in ex.workers() if not w.local)
+        proc, futures, remote = occupy_local_and_hand_worker(ex, hand_workers, gate)
         assert remote.held
         psutil.Process(proc.pid).kill()
         log.wait_for(f"lost worker {remote.worker_id} ")

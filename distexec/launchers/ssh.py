@@ -25,6 +25,7 @@ and closes the channel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -499,7 +500,7 @@ class SSHProcess:
 
     def kill(self) -> None:
         if not self._done.is_set():
-            self.host.submit(partial_kill(self))
+            self.host.submit(functools.partial(self.host.kill_now, self))
 
     def wait(self, timeout: float | None = None) -> int | None:
         self._done.wait(timeout)
@@ -507,13 +508,7 @@ class SSHProcess:
 
     def close(self) -> None:
         if self.channel is not None and not self._done.is_set():
-            self.host.submit(partial_kill(self))
-
-
-def partial_kill(proc: SSHProcess) -> Callable[[], None]:
-    def kill() -> None:
-        proc.host.kill_now(proc)
-    return kill
+            self.host.submit(functools.partial(self.host.kill_now, self))
 
 
 class SSHHost:
@@ -557,9 +552,8 @@ class SSHHost:
             self._cond.notify()
 
     def join(self, timeout: float) -> None:
-        for thread in (self.thread, self._pump.thread):
-            if thread.ident is not None:
-                thread.join(timeout)
+        if self.thread.ident is not None:
+            self.thread.join(timeout)
 
     # ---------------------------------------------------------------- host thread
     def _run(self) -> None:
@@ -625,7 +619,6 @@ class SSHHost:
         if self.options.tunnel:
             self.forward_port = transport.request_port_forward("127.0.0.1", 0,
                                                                self._pump.incoming)
-        self._pump.start()
         logger.info("host %s ready: Python %s, %d slot(s)%s", self.spec.label, info["python"],
                     self.slots, ", through an SSH tunnel" if self.options.tunnel else "")
 
@@ -721,10 +714,6 @@ class _Pump:
         self._open: set[Any] = set()  # channels and sockets of live tunnels
         self._stopping = False
         self._count = 0
-        self.thread = threading.Thread(target=lambda: None)  # for join(); never started
-
-    def start(self) -> None:
-        pass
 
     def stop(self) -> None:
         self._stopping = True
