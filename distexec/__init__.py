@@ -9,13 +9,24 @@ import logging as _logging
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .context import (
+    Shared,
+    TaskExecutor,
+    WorkerContext,
+    current_worker,
+    decline,
+    get_executor,
+    retrieve,
+)
 from .errors import (
     BrokenDistributedExecutor,
+    DependencyError,
     DistexecError,
     HandshakeError,
     LostAttempt,
     ProtocolError,
     RemoteError,
+    TaskDeclined,
     TaskPicklingError,
     TaskTimeoutError,
     TaskUnpicklingError,
@@ -33,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BrokenDistributedExecutor",
+    "DependencyError",
     "DistexecError",
     "DistributedExecutor",
     "ExecutorStatus",
@@ -40,14 +52,22 @@ __all__ = [
     "LostAttempt",
     "ProtocolError",
     "RemoteError",
+    "Shared",
     "TaskCounts",
+    "TaskDeclined",
+    "TaskExecutor",
     "TaskOptions",
     "TaskPicklingError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
+    "WorkerContext",
     "WorkerInfo",
     "WorkerLostError",
     "__version__",
+    "current_worker",
+    "decline",
+    "get_executor",
+    "retrieve",
 ]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -3,11 +3,18 @@
 ``distexec version``
     Print the versions that matter between an executor and its workers (the Python minor
     version, cloudpickle and distexec must match; tblib and the interpreter are informative).
-``distexec worker HOST:PORT [--key-file FILE] [--connect-timeout SECONDS]``
+``distexec worker HOST:PORT [--key-file FILE] [--connect-timeout SECONDS] [--resources SPEC]``
     Run a worker that joins the executor whose task manager listens at HOST:PORT. The key comes
     from the file given, or from the ``DISTEXEC_KEY`` environment variable (hexadecimal); never
     from the command line, where other users could read it. SIGTERM or Ctrl-C makes it leave
-    gracefully (it finishes what it holds); a second one makes it exit at once.
+    gracefully (it finishes what it holds); a second one makes it exit at once. ``--resources``
+    names what the worker offers (``gpu=1,mem=16``) to tasks that need it.
+``distexec status [NAME | HOST:PORT] [--key-file FILE] [--watch [SECONDS]] [--json]``
+    Print the live statistics of a running executor (task counts per tag, what each worker is
+    doing), found by the name it was given (``DistributedExecutor(name=...)``) or by its
+    address. Without a target, the only named executor of this user on this machine. By
+    address, the key comes from the file given or from ``DISTEXEC_KEY``. ``--watch`` repeats
+    the report every SECONDS (default 2) until Ctrl-C or until the executor stops.
 ``distexec keygen FILE``
     Write a new random key (hexadecimal) to FILE, readable by its owner only.
 ``distexec hosts check FILE [--ssh-config F] [--known-hosts F] [--accept-new-host-keys]``
@@ -48,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="file holding the executor's key (hex); default: $DISTEXEC_KEY")
     worker.add_argument("--connect-timeout", type=float, default=30.0,
                         help="keep trying to reach the executor this long (default: 30 s)")
+    worker.add_argument("--resources", default=None, metavar="SPEC",
+                        help="named resources this worker offers, e.g. gpu=1,mem=16 (the "
+                             "scheduler places tasks that need them here)")
+    status = sub.add_parser("status", help="show the live statistics of a running executor")
+    status.add_argument("target", nargs="?", default=None, metavar="NAME|HOST:PORT",
+                        help="the executor's name, or its address (default: the only named "
+                             "executor running)")
+    status.add_argument("--key-file", default=None, metavar="FILE",
+                        help="with an address: file holding the executor's key (hex); "
+                             "default: $DISTEXEC_KEY")
+    status.add_argument("--watch", nargs="?", const="", default=None, metavar="SECONDS",
+                        help="repeat every SECONDS (default: 2) until Ctrl-C or until the "
+                             "executor stops")
+    status.add_argument("--json", action="store_true",
+                        help="print the report as JSON (one line per report with --watch)")
     keygen = sub.add_parser("keygen", help="write a new random key to a file (mode 0600)")
     keygen.add_argument("file")
     hosts = sub.add_parser("hosts", help="SSH hosts: 'distexec hosts check FILE'")
@@ -62,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "hosts":
         return _hosts_check(args)
+    if args.command == "status":
+        return _status(status, args)
     if args.command == "version":
         for name, value in _versions().items():
             sys.stdout.write(f"{name:12} {value}\n")
@@ -84,7 +108,125 @@ def main(argv: list[str] | None = None) -> int:
     argv_worker = ["--connect", args.address, "--connect-timeout", str(args.connect_timeout)]
     if args.key_file:
         argv_worker += ["--key-file", args.key_file]
+    if args.resources is not None:
+        argv_worker += ["--resources", args.resources]
     return worker_module.main(argv_worker)
+
+
+# Seconds between two reports of ``distexec status --watch`` without SECONDS.
+WATCH_INTERVAL = 2.0
+# ANSI: cursor home, then erase the screen (only written to a terminal).
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def _status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``distexec status``: find the executor, then print one report or watch it."""
+    import json
+    import os
+    import time
+
+    from . import monitor
+
+    def fail(message: str, code: int = 1) -> int:
+        sys.stderr.write(f"distexec status: {message}\n")
+        return code
+
+    target, interval = args.target, None
+    if args.watch is not None:
+        try:
+            interval = float(args.watch) if args.watch else WATCH_INTERVAL
+        except ValueError:
+            if target is not None:
+                parser.error(f"argument --watch: expected seconds, got {args.watch!r}")
+            # "status --watch NAME": argparse gave the name to --watch.
+            target, interval = args.watch, WATCH_INTERVAL
+        if not interval > 0 or interval == float("inf"):
+            parser.error(f"argument --watch: expected a positive number of seconds, "
+                         f"got {args.watch!r}")
+    try:
+        if target is None:
+            running = monitor.list_executors()
+            if not running:
+                return fail("no named executor is running on this machine for this user "
+                            "(give one a name with DistributedExecutor(name=...), or pass "
+                            "HOST:PORT)")
+            if len(running) > 1:
+                names = ", ".join(e["name"] for e in running)
+                return fail(f"{len(running)} executors are running: {names}; say which", 2)
+            target = running[0]["name"]
+        if ":" in target:
+            address = target
+            try:
+                key = _read_status_key(args.key_file)
+            except ValueError as exc:
+                return fail(str(exc), 2)
+            if key is None:
+                return fail("no key: pass --key-file FILE or set DISTEXEC_KEY (hexadecimal) "
+                            f"to query {address}", 2)
+        else:
+            address, key = monitor.lookup(target)
+    except (LookupError, ValueError, OSError, monitor.RegistryError) as exc:
+        return fail(str(exc))
+    tty = sys.stdout.isatty()
+    shown = False
+    try:
+        while True:
+            try:
+                report = monitor.query(address, key)
+            except monitor.ExecutorGoneError as exc:
+                if not shown:
+                    return fail(str(exc))
+                sys.stdout.write(f"executor {target} stopped: nothing answers at {address} "
+                                 "any more\n")
+                sys.stdout.flush()
+                return 0
+            except (monitor.StatusError, ValueError) as exc:
+                return fail(str(exc))
+            if args.json:
+                # One line per report when watching (JSON Lines), indented otherwise.
+                text = json.dumps(report, sort_keys=True,
+                                  indent=None if interval is not None else 2)
+            else:
+                text = monitor.format_status(report)
+            if interval is not None and tty:
+                text = f"{_CLEAR}{text}\n\nevery {interval:g} s; Ctrl-C to stop"
+            elif interval is not None and shown and not args.json:
+                text = "\n" + text  # a blank line between reports
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            shown = True
+            if interval is None:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # "| head": the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _read_status_key(key_file: str | None) -> bytes | None:
+    """The key given for an address: hex from ``key_file``, else from $DISTEXEC_KEY."""
+    import os
+
+    if key_file is not None:
+        try:
+            with open(key_file, "rb") as fh:
+                text = fh.read().decode("ascii", "replace").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the key file {key_file}: {exc.strerror}") from None
+        source = key_file
+        if not text:
+            raise ValueError(f"the key file {key_file} is empty")
+    else:
+        text = os.environ.get("DISTEXEC_KEY", "").strip()
+        source = "DISTEXEC_KEY"
+        if not text:
+            return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"the key in {source} is not hexadecimal") from None
 
 
 def _hosts_check(args: argparse.Namespace) -> int:

@@ -9,6 +9,10 @@ so that code written for :mod:`concurrent.futures` keeps catching what it expect
      │    │                                   running it (also concurrent.futures.process.
      │    │                                   BrokenProcessPool)
      │    ├── TaskTimeoutError                a task ran past its time limit (also TimeoutError)
+     │    ├── DependencyError                 a future a task depends on failed or was cancelled
+     │    ├── TaskDeclined                    raised by a task to decline its worker
+     │    │                                   (distexec.decline()); the future fails with it
+     │    │                                   only once every worker has declined the task
      │    ├── RemoteError                     stand-in for a remote exception that could not travel
      │    ├── ProtocolError                   bad bytes on a distexec connection
      │    │    └── HandshakeError             a peer failed authentication or version checks
@@ -42,11 +46,13 @@ from typing import NamedTuple
 
 __all__ = [
     "BrokenDistributedExecutor",
+    "DependencyError",
     "DistexecError",
     "HandshakeError",
     "LostAttempt",
     "ProtocolError",
     "RemoteError",
+    "TaskDeclined",
     "TaskPicklingError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
@@ -200,4 +206,20 @@ class TaskUnpicklingError(DistexecError, pickle.UnpicklingError):
 
     Typically the result's type lives in a module that the calling process cannot import.
     ``__cause__`` holds the unpickler's own error.
+    """
+
+
+class DependencyError(DistexecError):
+    """A task was not run because a future it depends on failed or was cancelled.
+
+    The ``__cause__`` is the dependency's exception (a
+    :class:`~concurrent.futures.CancelledError` if it was cancelled).
+    """
+
+
+class TaskDeclined(DistexecError):
+    """Raised inside a task (by :func:`distexec.decline`) to give the task back: it returns to
+    the queue and runs on another worker; the one that declined it never gets it again.
+
+    A future fails with this error only when every live worker has declined its task.
     """

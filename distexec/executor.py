@@ -26,6 +26,9 @@ from .errors import BrokenDistributedExecutor, TaskPicklingError
 from .manager import (
     CMD_ABORT,
     CMD_BARRIER,
+    CMD_DELETE,
+    CMD_RETRIEVE,
+    CMD_STORE,
     CMD_QUERY,
     CMD_RESIZE,
     CMD_STATUS,
@@ -38,7 +41,8 @@ from .manager import (
 )
 from .launchers.hosts import HostSpec, merge_duplicates, parse_hosts, read_hosts_file
 from .launchers.ssh import SSHOptions
-from .scheduler import Task, TaskKind
+from .context import Shared
+from .scheduler import Needs, Task, TaskKind, task_ids
 
 __all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
@@ -55,7 +59,9 @@ _UNSET: Any = _Unset()
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_task_ids = itertools.count(1)
+
+
+_shared_ids = itertools.count(1)
 
 
 def _default_workers() -> int:
@@ -151,6 +157,64 @@ def _check_max_retries(max_retries: int | None) -> int | None:
     if max_retries < 0:
         raise ValueError("max_retries must be >= 0")
     return max_retries
+
+
+def _check_resources(spec: Any, what: str, offer: bool = False
+                     ) -> dict[str, float | str] | None:
+    """Validate a resources mapping: names to positive numbers, or to text labels."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise TypeError(f"{what} must be a dict such as {{'gpu': 1}}, got {type(spec).__name__}")
+    out: dict[str, float | str] = {}
+    for name, value in spec.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{what}: resource names are identifiers such as 'gpu', "
+                             f"got {name!r}")
+        if isinstance(value, str):
+            out[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not value > 0 and not (offer and value == 0):
+                raise ValueError(f"{what}: {name}={value!r} must be positive")
+            out[name] = float(value)
+        else:
+            raise TypeError(f"{what}: {name}={value!r} must be a number or a text label")
+    if offer and "slots" in out:
+        raise ValueError(f"{what}: 'slots' is the number of workers, not a resource to set here")
+    return out
+
+
+def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...] | None:
+    if retry_on is None:
+        return None
+    classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError("retry_on must be an exception class or a tuple of them, got "
+                            f"{cls!r}")
+    return classes
+
+
+def _find_futures(args: tuple[Any, ...], kwargs: dict[str, Any] | None
+                  ) -> list[Future[Any]] | None:
+    """The futures among a call's arguments (top level only): its dependencies."""
+    found = None
+    for arg in args:
+        if isinstance(arg, Future):
+            found = [arg] if found is None else [*found, arg]
+    if kwargs:
+        for arg in kwargs.values():
+            if isinstance(arg, Future):
+                found = [arg] if found is None else [*found, arg]
+    return found
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from .monitor import check_name
+
+    return check_name(name)
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -255,11 +319,21 @@ class DistributedExecutor(Executor):
         tunnel: remote workers reach the task manager through the SSH connection (a remote
             port forward; nothing is exposed beyond loopback). False: they connect to
             ``listen`` directly.
+        name: register the running executor under this name (letters, digits, ``.``, ``_``
+            and ``-``), so that ``distexec status NAME`` can show its live statistics from
+            another terminal of the same user on this machine. The registration (a file
+            readable by this user only, holding the address and key) is removed when the
+            executor stops.
+        resources: named resources the local workers share, for placing tasks that need them
+            (``{"gpu": 2}``; text values are labels, ``{"zone": "a"}``); see
+            :meth:`options` and :doc:`/toolbox`. Their ``slots`` is ``max_workers``.
 
     Raises:
         ValueError: ``max_workers``, ``max_tasks_per_child``, ``worker_start_timeout``,
             ``time_limit`` or ``heartbeat_timeout`` is not positive, ``max_retries`` is
-            negative, ``listen`` is malformed, or a non-loopback ``listen`` has no ``key``.
+            negative, ``listen`` is malformed, a non-loopback ``listen`` has no ``key``, or
+            ``name`` is not a valid name (a name already in use by a running executor is
+            refused when the executor starts).
         TypeError: ``initializer`` is not callable, or an integer option is not an int.
         TaskPicklingError: ``initializer`` or ``initargs`` cannot be pickled.
     """
@@ -284,6 +358,8 @@ class DistributedExecutor(Executor):
         known_hosts: str | None = None,
         accept_new_host_keys: bool = False,
         tunnel: bool = True,
+        name: str | None = None,
+        resources: dict[str, float | str] | None = None,
     ) -> None:
         host_specs: tuple[HostSpec, ...] = ()
         if hosts is not None:
@@ -351,9 +427,14 @@ class DistributedExecutor(Executor):
             ssh=SSHOptions(ssh_config=ssh_config, known_hosts=known_hosts,
                            accept_new_host_keys=accept_new_host_keys, tunnel=tunnel,
                            python=python) if host_specs else None,
+            name=_check_name(name),
+            resources=_check_resources(resources, "resources", offer=True),
         )
         self._shared = SharedState()
         self._manager: Manager | None = None
+        # Futures of tagged tasks not collected yet (as_completed(tag), next_result(tag)).
+        self._tag_cond = threading.Condition(threading.Lock())
+        self._tags: dict[Any, _TagBook] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -434,10 +515,21 @@ class DistributedExecutor(Executor):
 
     def _submit(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any] | None,
                 kind: TaskKind, time_limit: float | None = None,
-                max_retries: int | None = None, tag: Any = None) -> Future[Any]:
+                opts: TaskOptions | None = None) -> Future[Any]:
         future: Future[Any] = Future()
-        task = Task(next(_task_ids), future, fn, args, kwargs, kind, time_limit, max_retries,
-                    tag)
+        if opts is None:
+            task = Task(next(task_ids), future, fn, args, kwargs, kind, time_limit)
+        else:
+            task = Task(next(task_ids), future, fn, args, kwargs, kind, opts.time_limit,
+                        opts.max_retries, opts.tag, opts.priority, opts._needs)
+            task.retry_on = opts.retry_on
+            task.fallback = opts.fallback
+            if opts.depends_on:
+                task.deps = list(opts.depends_on)
+        if kind is TaskKind.CALL:
+            found = _find_futures(args, kwargs)
+            if found is not None:
+                task.deps = found if task.deps is None else task.deps + found
         future._distexec_task_id = task.id  # type: ignore[attr-defined]  # for abort()
         shared = self._shared
         with shared.lock:
@@ -445,6 +537,8 @@ class DistributedExecutor(Executor):
             manager = self._manager or self._start()
             shared.inbox.append(task)
         manager.wake()
+        if opts is not None and opts.tag is not None:
+            self._tag_book(opts.tag).add(future)
         return future
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
@@ -492,8 +586,7 @@ class DistributedExecutor(Executor):
         An exception raised by ``fn`` is raised by ``__next__`` when its result is reached;
         remaining work is cancelled when the iterator is closed or garbage-collected.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._time_limit, None,
-                         None)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, self._time_limit, None)
 
     def _map(
         self,
@@ -503,8 +596,7 @@ class DistributedExecutor(Executor):
         chunksize: int,
         buffersize: int | None,
         time_limit: float | None,
-        max_retries: int | None,
-        tag: Any,
+        opts: TaskOptions | None,
     ) -> Iterator[T]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -522,7 +614,7 @@ class DistributedExecutor(Executor):
             kind = TaskKind.CALL
 
         def submit_one(ex: DistributedExecutor, item: Any) -> Future[Any]:
-            return ex._submit(fn, item, None, kind, time_limit, max_retries, tag)
+            return ex._submit(fn, item, None, kind, time_limit, opts)
 
         if buffersize is None:
             futures = deque(submit_one(self, item) for item in work)
@@ -534,26 +626,58 @@ class DistributedExecutor(Executor):
                             end_time, chunksize > 1)
 
     def options(
-        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET,
+        self,
+        *,
+        time_limit: float | None = _UNSET,
+        max_retries: int | None = _UNSET,
         tag: Any = _UNSET,
+        priority: int = _UNSET,
+        resources: dict[str, float | str] | None = _UNSET,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = _UNSET,
+        fallback: Callable[..., Any] | None = _UNSET,
+        depends_on: Iterable[Future[Any]] | None = _UNSET,
     ) -> TaskOptions:
         """Return a view of this executor whose ``submit`` and ``map`` use other task options.
 
-        Example: ``ex.options(time_limit=60, max_retries=0).submit(fit, data)``. Options not
-        given keep the executor's defaults. With ``map``, they apply to each chunk.
+        Example: ``ex.options(time_limit=60, retry_on=IOError).submit(fetch, url)``. Options
+        not given keep the executor's defaults; views can be chained
+        (``ex.options(tag="a").options(priority=1)``). With ``map``, they apply to each chunk.
+        See :doc:`/toolbox` for examples of each.
 
         Args:
             time_limit: seconds a task may run before it is stopped (its worker replaced) and
                 its future fails with :class:`~distexec.TaskTimeoutError`; None: no limit.
-            max_retries: re-runs allowed when the worker running the task is lost.
-            tag: any hashable value; :meth:`status` counts tasks per tag.
+            max_retries: how many times the task may run again: after its worker was lost, or
+                after it raised an exception of a ``retry_on`` type. Default: the executor's.
+            tag: any hashable value; :meth:`status` counts tasks per tag, and
+                :meth:`as_completed` and :meth:`next_result` collect results per tag.
+            priority: tasks with a higher priority are dispatched first (default 0; FIFO
+                among equal priorities). A task never overtakes one that is already running.
+            resources: what the task needs from its worker's pool, e.g. ``{"gpu": 1}``; text
+                values must match a label (``{"zone": "a"}``); ``{"slots": 4}`` takes four
+                workers' worth of a host. It runs only where that is free, and holds it while
+                it runs.
+            retry_on: an exception class, or a tuple of them: a task raising one of those runs
+                again (at the back of the queue) while ``max_retries`` allows.
+            fallback: called on a worker as ``fallback(exc, *args, **kwargs)`` when every
+                attempt failed (an exception, lost workers, or the time limit); its result or
+                exception becomes the future's. With ``map(..., chunksize>1)`` it is called
+                for each item of the chunk.
+            depends_on: futures that must have succeeded before the task starts (futures
+                passed as arguments are dependencies already, and are replaced by their
+                results). If one fails or is cancelled, the task fails with
+                :class:`~distexec.DependencyError`.
 
         Raises:
-            ValueError: ``time_limit`` is not positive or ``max_retries`` is negative.
-            TypeError: ``tag`` is not hashable.
+            ValueError: ``time_limit`` is not positive, ``max_retries`` is negative, or a
+                resource amount is not positive.
+            TypeError: ``tag`` is not hashable, ``priority`` is not an int, ``retry_on`` is
+                not an exception class, ``fallback`` is not callable, or ``depends_on`` holds
+                something other than futures.
         """
         return TaskOptions(self, self._time_limit, None).options(
-            time_limit=time_limit, max_retries=max_retries, tag=tag)
+            time_limit=time_limit, max_retries=max_retries, tag=tag, priority=priority,
+            resources=resources, retry_on=retry_on, fallback=fallback, depends_on=depends_on)
 
     # ------------------------------------------------------------------ control
     def _ask(self, command: str, *args: Any) -> Any:
@@ -667,7 +791,7 @@ class DistributedExecutor(Executor):
         if threading.current_thread() is manager.thread:
             raise RuntimeError("wait_for_all() cannot be called from a done-callback: the task "
                                "manager would wait for itself")
-        manager.post((CMD_BARRIER, next(_task_ids), reply))
+        manager.post((CMD_BARRIER, next(task_ids), reply))
         try:
             reply.result(timeout)
         except FuturesTimeoutError:
@@ -690,6 +814,123 @@ class DistributedExecutor(Executor):
         pending = wait(list(futures), timeout, return_when=ALL_COMPLETED).not_done
         if pending:
             raise TimeoutError(f"{len(pending)} future(s) still pending after {timeout:g} s")
+
+    def _tag_book(self, tag: Any) -> _TagBook:
+        with self._tag_cond:
+            book = self._tags.get(tag)
+            if book is None:
+                book = self._tags[tag] = _TagBook(self._tag_cond)
+            return book
+
+    def as_completed(self, tag: Any, timeout: float | None = None) -> Iterator[Future[Any]]:
+        """Yield the futures of the tasks tagged ``tag`` as they finish (finished ones first).
+
+        Each future is yielded once, across all calls: it is *collected*. The iterator ends
+        when every task with that tag submitted so far has been collected; tasks tagged while
+        it runs are included. The executor keeps the futures of tagged tasks until they are
+        collected this way (or the executor is dropped).
+
+        Args:
+            tag: the tag given with ``options(tag=...)``.
+            timeout: seconds from this call after which :class:`TimeoutError` is raised if
+                tasks with the tag are still pending.
+
+        Raises:
+            TimeoutError: tasks with this tag were still pending after ``timeout`` seconds.
+        """
+        book = self._tags.get(tag)
+        if book is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._tag_cond
+        while True:
+            with cond:
+                while not book.done:
+                    if not book.pending:
+                        return
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"{book.pending} task(s) tagged {tag!r} still "
+                                           f"pending after {timeout:g} s")
+                    cond.wait(remaining)
+                future = book.done.popleft()
+            yield future
+            del future  # the caller may drop the result
+
+    def next_result(self, tag: Any, timeout: float | None = None) -> Any:
+        """Return the result of the next task tagged ``tag`` to finish, collecting it (the
+        ancestors' ``getResultWithTag``); raise its exception if it failed.
+
+        Raises:
+            LookupError: no task with this tag is pending or waiting to be collected.
+            TimeoutError: none finished within ``timeout`` seconds.
+            Exception: the task's own exception.
+        """
+        for future in self.as_completed(tag, timeout):
+            return future.result()
+        raise LookupError(f"no task tagged {tag!r} is pending or waiting to be collected")
+
+    # ------------------------------------------------------------------ shared data
+    def store(self, name: str, value: Any) -> None:
+        """Store ``value`` under ``name`` for tasks to read with :func:`distexec.retrieve`
+        (the ancestors' ``storeData``). It is pickled now, once; each worker fetches it the
+        first time one of its tasks reads it, and keeps it. Storing again under the same name
+        replaces it: tasks submitted after this call returns see the new value.
+
+        Raises:
+            TypeError: ``name`` is not a string.
+            TaskPicklingError: ``value`` cannot be pickled.
+            RuntimeError: the executor was shut down.
+        """
+        if not isinstance(name, str):
+            raise TypeError("shared data names are strings")
+        try:
+            payload, oob = serialization.dumps(value)
+        except Exception as exc:
+            raise TaskPicklingError(
+                f"shared data {name!r} could not be pickled: {type(exc).__name__}: "
+                f"{serialization.safe_str(exc)}") from exc
+        # A snapshot: the caller may change the object (an array, say) afterwards.
+        snapshot: list[Any] = [bytes(b) for b in oob]
+        self.start()
+        self._ask(CMD_STORE, name, payload, snapshot)
+
+    def retrieve(self, name: str) -> Any:
+        """Return a copy of the shared data stored under ``name`` (``retrieveData``).
+
+        Raises:
+            KeyError: nothing is stored under that name.
+        """
+        manager = self._manager
+        if manager is None:
+            raise KeyError(f"no shared data named {name!r}")
+        payload, oob = self._ask(CMD_RETRIEVE, name) or (None, None)
+        if payload is None:
+            raise KeyError(f"no shared data named {name!r}")
+        return serialization.loads(payload, oob)
+
+    def delete(self, name: str) -> None:
+        """Delete the shared data stored under ``name`` (``deleteData``); workers drop their
+        copies. Tasks that read it afterwards get a :class:`KeyError`.
+
+        Raises:
+            KeyError: nothing is stored under that name.
+        """
+        if self._manager is None:
+            raise KeyError(f"no shared data named {name!r}")
+        self._ask(CMD_DELETE, name)
+
+    def share(self, value: Any) -> Shared:
+        """Store ``value`` under a new name and return a reference to pass as an argument:
+        the task receives the value itself, sent once per worker rather than once per task
+        (the common part of the boss/worker pattern's instructions).
+
+        Example: ``ref = ex.share(big_table); ex.map(lookup, keys, itertools.repeat(ref))``.
+        ``ex.delete(ref.name)`` frees it; otherwise it lives as long as the executor.
+        """
+        name = f"distexec-shared-{next(_shared_ids)}"
+        self.store(name, value)
+        return Shared(name)
 
     def status(self) -> ExecutorStatus:
         """Task counts per tag and in total, and the workers with what each is doing.
@@ -754,6 +995,30 @@ class DistributedExecutor(Executor):
         return None
 
 
+class _TagBook:
+    """The futures of one tag that were not collected yet: pending ones are counted, finished
+    ones wait in order of completion. Guarded by the executor's ``_tag_cond``."""
+
+    __slots__ = ("cond", "pending", "done")
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self.cond = cond
+        self.pending = 0
+        self.done: deque[Future[Any]] = deque()
+
+    def add(self, future: Future[Any]) -> None:
+        with self.cond:
+            self.pending += 1
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future[Any]) -> None:
+        # Runs in whichever thread completed the future (usually the task manager's).
+        with self.cond:
+            self.pending -= 1
+            self.done.append(future)
+            self.cond.notify_all()
+
+
 def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
     from dataclasses import replace
 
@@ -763,40 +1028,76 @@ def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
 class TaskOptions:
     """A view of a :class:`DistributedExecutor` that submits with other task options.
 
-    Made by :meth:`DistributedExecutor.options`; cheap, holds no state but the options.
+    Made by :meth:`DistributedExecutor.options`; cheap, holds no state but the options
+    (see there for their meaning).
     """
 
     def __init__(self, executor: DistributedExecutor, time_limit: float | None,
-                 max_retries: int | None, tag: Any = None) -> None:
+                 max_retries: int | None, tag: Any = None, priority: int = 0,
+                 resources: dict[str, float | str] | None = None,
+                 retry_on: tuple[type[BaseException], ...] | None = None,
+                 fallback: Callable[..., Any] | None = None,
+                 depends_on: tuple[Future[Any], ...] = ()) -> None:
         self._executor = executor
         self.time_limit = time_limit
         self.max_retries = max_retries
         self.tag = tag
+        self.priority = priority
+        self.resources = resources
+        self._needs = Needs(resources) if resources else None
+        self.retry_on = retry_on
+        self.fallback = fallback
+        self.depends_on = depends_on
 
     def __repr__(self) -> str:
-        return (f"<TaskOptions time_limit={self.time_limit} max_retries={self.max_retries} "
-                f"tag={self.tag!r}>")
+        fields = ("time_limit", "max_retries", "tag", "priority", "resources", "retry_on",
+                  "fallback", "depends_on")
+        return "<TaskOptions " + " ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ">"
 
     def options(
-        self, *, time_limit: float | None = _UNSET, max_retries: int | None = _UNSET,
+        self,
+        *,
+        time_limit: float | None = _UNSET,
+        max_retries: int | None = _UNSET,
         tag: Any = _UNSET,
+        priority: int = _UNSET,
+        resources: dict[str, float | str] | None = _UNSET,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = _UNSET,
+        fallback: Callable[..., Any] | None = _UNSET,
+        depends_on: Iterable[Future[Any]] | None = _UNSET,
     ) -> TaskOptions:
         """These options, with the ones given replaced."""
         if tag is not _UNSET:
             hash(tag)  # TypeError for an unhashable tag, here rather than in the manager
+        if priority is not _UNSET and (isinstance(priority, bool)
+                                       or not isinstance(priority, int)):
+            raise TypeError("priority must be an integer")
+        if fallback is not _UNSET and fallback is not None and not callable(fallback):
+            raise TypeError("fallback must be callable")
+        deps: tuple[Future[Any], ...] = self.depends_on
+        if depends_on is not _UNSET:
+            deps = tuple(depends_on or ())
+            for dep in deps:
+                if not isinstance(dep, Future):
+                    raise TypeError(f"depends_on takes futures, got {type(dep).__name__}")
         return TaskOptions(
             self._executor,
             self.time_limit if time_limit is _UNSET else _check_time_limit(time_limit),
             self.max_retries if max_retries is _UNSET else _check_max_retries(max_retries),
             self.tag if tag is _UNSET else tag,
+            self.priority if priority is _UNSET else priority,
+            self.resources if resources is _UNSET else _check_resources(resources,
+                                                                         "resources"),
+            self.retry_on if retry_on is _UNSET else _check_retry_on(retry_on),
+            self.fallback if fallback is _UNSET else fallback,
+            deps,
         )
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """:meth:`DistributedExecutor.submit` with these options."""
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
-        return self._executor._submit(fn, args, kwargs or None, TaskKind.CALL, self.time_limit,
-                                      self.max_retries, self.tag)
+        return self._executor._submit(fn, args, kwargs or None, TaskKind.CALL, None, self)
 
     def map(
         self,
@@ -808,7 +1109,7 @@ class TaskOptions:
     ) -> Iterator[T]:
         """:meth:`DistributedExecutor.map` with these options (applied to each chunk)."""
         return self._executor._map(fn, iterables, timeout, chunksize, buffersize,
-                                   self.time_limit, self.max_retries, self.tag)
+                                   self.time_limit, self)
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:

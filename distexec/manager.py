@@ -51,7 +51,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from dataclasses import dataclass
 from functools import partial
@@ -63,9 +63,11 @@ from . import protocol, serialization
 from ._version import __version__
 from .errors import (
     BrokenDistributedExecutor,
+    DependencyError,
     HandshakeError,
     LostAttempt,
     ProtocolError,
+    TaskDeclined,
     TaskPicklingError,
     TaskTimeoutError,
     TaskUnpicklingError,
@@ -74,7 +76,17 @@ from .errors import (
 from .launchers.hosts import HostSpec
 from .launchers.local import LocalLauncher, LocalProcess
 from .launchers.ssh import SSHHost, SSHOptions, SSHProcess
-from .scheduler import Scheduler, Task, TaskKind, TaskState, WorkerRecord, WorkerState
+from .scheduler import (
+    Needs,
+    Pool,
+    Scheduler,
+    Task,
+    TaskKind,
+    TaskState,
+    WorkerRecord,
+    WorkerState,
+    task_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +115,8 @@ MANAGER_TIMEOUT_MIN = 120.0
 WORKER_FN_CAPACITY = 256
 # Payloads above this go as separate frame buffers (saves a copy of large arguments).
 INLINE_LIMIT = 32 * 1024
+# The ``ok`` field of a result item: 1 (True) result, 0 (False) exception, 2 declined.
+RESULT_DECLINED = 2
 # Upper bound on bytes read from one connection per loop turn, for fairness between workers.
 READ_BUDGET = 8 * 1024 * 1024
 
@@ -140,6 +154,8 @@ class ManagerConfig:
     max_retries: int = 3
     hosts: tuple[HostSpec, ...] = ()
     ssh: SSHOptions | None = None
+    name: str | None = None  # registered for `distexec status NAME`
+    resources: dict[str, float | str] | None = None  # what the local workers' pool offers
 
     @property
     def heartbeat_interval(self) -> float:
@@ -157,6 +173,10 @@ CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
 CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
 CMD_STATUS = "status"  # (CMD_STATUS, reply future -> (tag counts, worker snapshots))
 CMD_BARRIER = "barrier"  # (CMD_BARRIER, task id, reply): reply once every earlier task ended
+CMD_DEP = "dep"  # (CMD_DEP, task id): one of the task's dependencies is done (from a callback)
+CMD_STORE = "store"  # (CMD_STORE, name, payload, buffers, reply)
+CMD_RETRIEVE = "retrieve"  # (CMD_RETRIEVE, name, reply -> (payload, buffers); KeyError)
+CMD_DELETE = "delete"  # (CMD_DELETE, name, reply -> None; KeyError)
 
 
 def force_cancel(future: Future[Any]) -> bool:
@@ -181,8 +201,10 @@ def _cancel(task: Task) -> None:
     """Cancel a queued task's future; one re-queued after a lost worker is already running."""
     if task.attempt:
         force_cancel(task.future)
-    else:
-        task.future.cancel()
+    elif task.future.cancel():
+        # The task will never be claimed: notify concurrent.futures.wait() and as_completed()
+        # now, as claiming it would have.
+        task.future.set_running_or_notify_cancel()
 
 
 def _settle(future: Future[Any], ok: bool, value: Any) -> None:
@@ -200,7 +222,7 @@ class _Conn:
     """One socket to a worker (or to something pretending to be one)."""
 
     __slots__ = ("sock", "peer", "open", "hs_buf", "nonce_m", "decoder", "out", "worker_id",
-                 "want_write", "close_after_flush", "slot", "control")
+                 "want_write", "close_after_flush", "slot", "control", "client", "children")
 
     def __init__(self, sock: socket.socket, peer: str, max_message_size: int) -> None:
         self.sock = sock
@@ -215,6 +237,8 @@ class _Conn:
         self.close_after_flush = False
         self.slot: _Slot | None = None  # set once the handshake names the worker
         self.control = False  # the worker's control connection (heartbeats, ABORT)
+        self.client = False  # a worker's client connection (its tasks' requests)
+        self.children: dict[int, Task] | None = None  # client: request id -> child task
 
 
 class _Slot:
@@ -223,7 +247,7 @@ class _Slot:
     __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
                  "fail_reason", "disconnect_reason", "ctrl", "last_seen", "lost_reason",
                  "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at",
-                 "on_dump", "abort_pending", "limit", "limit_timer")
+                 "on_dump", "abort_pending", "limit", "limit_timer", "client")
 
     def __init__(self, worker_id: int, proc: LocalProcess | SSHProcess | None) -> None:
         self.worker_id = worker_id
@@ -247,6 +271,7 @@ class _Slot:
         self.abort_pending: set[tuple[int, int]] = set()  # ABORTs sent, not yet answered
         self.limit: tuple[int, int, float] | None = None  # time-limited task, its deadline
         self.limit_timer = False  # a deadline entry for `limit` is in the heap
+        self.client: _Conn | None = None  # the client connection, if its tasks opened one
 
     def main_stack(self) -> str | None:
         """The worker's main-thread stack from its newest complete dump, or None."""
@@ -319,6 +344,25 @@ class Manager:
         self._host_events: deque[tuple[str, SSHHost, str]] = deque()  # from host threads
         self._host_failures: dict[str, int] = {}  # failed worker starts in a row, per host
         self.executor_ref: Any = None  # weakref to the executor, set by it
+        self._started_at = time.monotonic()
+        # Resource pools by origin: the local workers', each SSH host's, each joined worker's.
+        self._pools: dict[str, Pool] = {
+            "local": Pool("local", config.resources, slots=config.max_workers)}
+        self._warned_needs: set[Any] = set()  # needs no pool has, warned about once
+        # Shared data: name -> (version, payload, out-of-band buffers); and which workers have
+        # fetched a copy (told to FORGET it when it changes).
+        self._store: dict[str, tuple[int, Any, list[Any]]] = {}
+        self._store_readers: dict[str, set[int]] = {}
+        self._store_versions = itertools.count(1)
+        self._registration: Any = None  # the name's registry file, removed at teardown
+        if config.name is not None:
+            from . import monitor
+
+            try:
+                self._registration = monitor.register(config.name, self.address, self.key)
+            except BaseException:
+                self.listener.close()
+                raise
 
     # ---------------------------------------------------------------- caller side (any thread)
     def start(self) -> None:
@@ -403,6 +447,11 @@ class Manager:
                 if self._terminating:
                     item.future.cancel()
                     continue
+                if item.deps is not None:
+                    self._add_with_deps(item)
+                    continue
+                if item.needs is not None:
+                    self._check_needs(item)
                 sched.add_task(item)
             else:
                 self._command(item)
@@ -425,6 +474,21 @@ class Manager:
         elif name == CMD_BARRIER:
             self._barriers.append((command[1], command[2]))
             self._check_barriers()
+        elif name == CMD_DEP:
+            self._dependency_done(command[1])
+        elif name == CMD_STORE:
+            self._store_data(command[1], command[2], command[3])
+            _settle(command[4], True, None)
+        elif name == CMD_RETRIEVE:
+            entry = self._store.get(command[1])
+            _settle(command[2], entry is not None, entry[1:] if entry is not None
+                    else KeyError(f"no shared data named {command[1]!r}"))
+        elif name == CMD_DELETE:
+            found = command[1] in self._store
+            if found:
+                self._store_data(command[1], None, None)
+            _settle(command[2], found, None if found
+                    else KeyError(f"no shared data named {command[1]!r}"))
         elif name == CMD_STATUS:
             _settle(command[1], True, (self._sched.tag_counts(), self.snapshot()))
         else:  # pragma: no cover - programming error
@@ -480,6 +544,7 @@ class Manager:
         """Change the number of local workers; surplus ones leave after the tasks they hold."""
         logger.info("resizing the pool of local workers from %d to %d", self._target, n)
         self._target = n
+        self._pools["local"].amounts["slots"] = float(n)
         self._ensure_workers()
         records = [w for w in self._sched.live_workers()
                    if w.origin == "local" and w.state is not WorkerState.DRAINING
@@ -507,7 +572,9 @@ class Manager:
         now = time.monotonic()
         record = self._sched.add_worker(worker_id, socket.gethostname() if host is None
                                         else host.spec.label,
-                                        self.config.max_tasks_per_child, now)
+                                        self.config.max_tasks_per_child, now,
+                                        self._pools["local"] if host is None
+                                        else self._host_pool(host))
         proc: LocalProcess | SSHProcess
         if host is not None:
             record.local = False
@@ -532,6 +599,15 @@ class Manager:
         else:
             proc.watch(self._exit_from_thread)
         self._at(now + self.config.worker_start_timeout, partial(self._check_started, worker_id))
+
+    def _host_pool(self, host: SSHHost) -> Pool:
+        """The resource pool of one SSH host: its slots and its numeric or text settings."""
+        label = host.spec.label
+        pool = self._pools.get(label)
+        if pool is None:
+            pool = self._pools[label] = Pool(label, resources_from_settings(host.spec.settings),
+                                             slots=host.slots or None)
+        return pool
 
     def _exit_handler(self, proc: LocalProcess) -> Callable[[Any, int], None]:
         def handler(fd: Any, mask: int) -> None:
@@ -759,8 +835,15 @@ class Manager:
         )
 
     def _accept_worker(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
-        if info.get("channel") == "control":
+        channel = info.get("channel")
+        if channel == "control":
             self._accept_control(conn, info, nonce_w)
+            return
+        if channel == "status":
+            self._answer_status(conn, nonce_w)
+            return
+        if channel == "client":
+            self._accept_client(conn, info, nonce_w)
             return
         problem = self._version_problem(info)
         token = info.get("worker_id")
@@ -787,8 +870,9 @@ class Manager:
             return
         else:
             worker_id = next(self._worker_ids)
+            pool = Pool(f"worker {worker_id}", _offered(info.get("resources")), slots=1)
             record = self._sched.add_worker(worker_id, str(info.get("host", "?")),
-                                            self.config.max_tasks_per_child, now)
+                                            self.config.max_tasks_per_child, now, pool)
             record.local = False
             record.origin = "joined"
             slot = _Slot(worker_id, None)
@@ -820,10 +904,65 @@ class Manager:
             "worker_id": slot.worker_id,
             "sys_path": _client_sys_path() if isinstance(slot.proc, LocalProcess) else None,
             "initializer": self.config.initializer,
+            "resources": record.pool.describe() if record.pool is not None else {},
+            "origin": record.origin,
         }
         self._send_raw(conn, protocol.encode_frame(protocol.CONFIG, (config,)))
         logger.debug("worker %d connected from %s (pid %s)", slot.worker_id, conn.peer,
                      record.pid)
+
+    def _accept_client(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
+        """A worker's client connection: requests from the tasks it runs."""
+        token = info.get("worker_id")
+        slot = self._slots.get(token) if isinstance(token, int) else None
+        record = self._sched.workers.get(token) if isinstance(token, int) else None
+        if slot is None or record is None or slot.conn is None or record.pid != info.get("pid"):
+            self._refuse(conn, protocol.STATUS_REFUSED,
+                         f"no worker {token} (pid {info.get('pid')}) is connected", nonce_w)
+            return
+        conn.worker_id = slot.worker_id
+        conn.slot = slot
+        conn.client = True
+        conn.children = {}
+        conn.open = True
+        if slot.client is not None and slot.client is not conn:
+            self._close(slot.client)
+            self._client_closed(slot.client, "replaced by a new client connection")
+        slot.client = conn
+        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
+                                                    protocol.STATUS_OK, {})])
+        logger.debug("worker %d opened a client connection", slot.worker_id)
+
+    def _answer_status(self, conn: _Conn, nonce_w: bytes) -> None:
+        """A ``distexec status`` client proved it holds the key: one STATUS frame, then close."""
+        self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
+                                                    protocol.STATUS_OK, {})])
+        if conn in self._conns:
+            conn.close_after_flush = True
+            self._send_raw(conn, protocol.encode_frame(protocol.STATUS, (self.status_report(),)))
+
+    def status_report(self) -> dict[str, Any]:
+        """The executor's live statistics as plain data (strings, numbers, lists, dicts):
+        what ``distexec status`` prints. Tags are given by their ``repr``. Manager thread."""
+        tags = [[None if tag is None else repr(tag), *counts]
+                for tag, counts in self._sched.tag_counts().items()]
+        tags.sort(key=lambda row: (row[0] is not None, str(row[0])))
+        workers = []
+        for item in self.snapshot():
+            item = dict(item)
+            item["held"] = list(item["held"])
+            workers.append(item)
+        return {
+            "name": self.config.name,
+            "address": self.address,
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self._started_at,
+            "state": ("terminating" if self._terminating else "shutting down" if self._closing
+                      else "running"),
+            "max_workers": self._target,
+            "tags": tags,
+            "workers": workers,
+        }
 
     def _accept_control(self, conn: _Conn, info: dict[str, Any], nonce_w: bytes) -> None:
         token = info.get("worker_id")
@@ -973,9 +1112,11 @@ class Manager:
 
     def _bury(self, slot: _Slot) -> None:
         """Forget a zombie for good: close whatever is left of it."""
-        for conn in (slot.conn, slot.ctrl):
+        for conn in (slot.conn, slot.ctrl, slot.client):
             if conn is not None:
                 self._close(conn)
+        if slot.client is not None:
+            self._client_closed(slot.client, "the worker is gone")
         self._zombies.pop(slot.worker_id, None)
 
     def _on_zombie_frame(self, slot: _Slot, frame: protocol.Frame) -> None:
@@ -1023,6 +1164,9 @@ class Manager:
     def _on_frame(self, conn: _Conn, frame: protocol.Frame) -> None:
         worker_id = conn.worker_id
         assert worker_id is not None
+        if conn.client:
+            self._on_client_frame(conn, frame)
+            return
         if frame.kind == protocol.RESULTS:
             self._on_results(worker_id, frame)
         elif frame.kind == protocol.READY:
@@ -1071,35 +1215,321 @@ class Manager:
                 payload = inline
             oob = buffers[cursor:cursor + nbufs]
             cursor += nbufs
-            task = sched.tasks.get(task_id)
-            name = serialization.describe_callable(task.fn) if task is not None else ""
-            if sched.result_arrived(worker_id, task_id, attempt, duration, ok) is None:
+            task = sched.current(worker_id, task_id, attempt)
+            if task is None:
                 logger.info("dropped a stale result for task %d (attempt %d) from worker %d",
                             task_id, attempt, worker_id)
                 continue
-            assert task is not None
             self._crash_streak = 0
-            if ok:
+            if task.client is not None and ok != RESULT_DECLINED:
+                self._child_finished(task, ok, payload, oob, extra, duration)
+                continue
+            if ok is True:
                 try:
                     value = serialization.loads(payload, oob)
                 except BaseException as exc:
                     err = TaskUnpicklingError(
-                        f"the result of task {task_id} ({name}) could not be unpickled here: "
-                        f"{type(exc).__name__}: {serialization.safe_str(exc)}. Make sure the "
-                        "modules that define the result's types are importable in this process")
+                        f"the result of task {task_id} "
+                        f"({serialization.describe_callable(task.fn)}) could not be unpickled "
+                        f"here: {type(exc).__name__}: {serialization.safe_str(exc)}. Make sure "
+                        "the modules that define the result's types are importable in this "
+                        "process")
                     err.__cause__ = exc
+                    sched.settle(task, duration, True)
                     _settle(task.future, False, err)
                 else:
+                    sched.settle(task, duration, True)
                     _settle(task.future, True, value)
+            elif ok == RESULT_DECLINED:
+                self._declined(task, str(extra))
             else:
                 type_name, message, text = extra
-                _settle(task.future, False,
-                        serialization.loads_exception(payload, type_name, message, text))
+                remote = serialization.loads_exception(payload, type_name, message, text)
+                if task.retry_on is not None and isinstance(remote, task.retry_on):
+                    if task.retries_used() < self._max_retries(task):
+                        logger.warning("task %d (%s) raised %s: %s; retrying it (retry %d of %d)",
+                                       task_id, serialization.describe_callable(task.fn),
+                                       type_name, message, task.retries_used() + 1,
+                                       self._max_retries(task))
+                        sched.retry(task, duration)
+                        continue
+                if task.fallback is not None:
+                    sched.retry(task, duration)  # back to the queue, as its fallback
+                    self._to_fallback(task, remote)
+                    continue
+                sched.settle(task, duration, False)
+                _settle(task.future, False, remote)
         slot = self._slots.get(worker_id)
         record = sched.workers.get(worker_id)
         if (slot is not None and record is not None and record.state is WorkerState.DRAINING
                 and not record.assigned and not slot.shutdown_sent):
             self._send_shutdown(slot)
+
+    def _declined(self, task: Task, reason: str) -> None:
+        """The worker running ``task`` gave it back (``distexec.decline()``)."""
+        worker_id = task.worker_id
+        assert worker_id is not None
+        record = self._sched.workers.get(worker_id)
+        where = record.describe() if record is not None else f"worker {worker_id}"
+        name = serialization.describe_callable(task.fn)
+        if self._sched.decline(task):
+            logger.info("task %d (%s) declined %s%s; it goes back to the queue", task.id, name,
+                        where, f" ({reason})" if reason else "")
+            return
+        declined = ", ".join(str(w) for w in sorted(task.declined or ()))
+        err = TaskDeclined(
+            f"task {task.id} ({name}) was declined by every worker (workers {declined}); the "
+            f"last, {where}, said: {reason or 'no reason given'}. Start a worker that can run "
+            "it (for example with the resources it needs), or change what the task accepts")
+        logger.error("task %d (%s) failed: every worker declined it", task.id, name)
+        self._fail(task, err)
+
+    def _fail(self, task: Task, err: BaseException) -> None:
+        """An assigned task failed for good: run its fallback, or fail its future."""
+        if task.fallback is not None:
+            self._sched.requeue(task)
+            self._to_fallback(task, err)
+            return
+        self._sched.fail_task(task)
+        _settle(task.future, False, err)
+
+    def _to_fallback(self, task: Task, exc: BaseException) -> None:
+        """Turn a queued task that failed for good into its fallback, called as
+        ``fallback(exc, *args, **kwargs)`` (per item for a chunk of ``map``) on a worker."""
+        fallback = task.fallback
+        assert fallback is not None
+        logger.warning("task %d (%s) failed (%s: %s); running its fallback %s", task.id,
+                       serialization.describe_callable(task.fn), type(exc).__name__,
+                       serialization.safe_str(exc), serialization.describe_callable(fallback))
+        exc.__traceback__ = None  # tracebacks do not pickle; the exception keeps its notes
+        task.fn = fallback
+        if task.kind is TaskKind.CALL:
+            task.args = (exc, *task.args)
+        else:
+            task.args = [(exc, *item) for item in task.args]
+        task.fallback = None
+        task.retry_on = None
+        task.errors = 0
+        task.losses = None
+        task.declined = None
+        if task.time_limit is not None:
+            task.time_limit = None
+            task.exclusive = task.needs is not None or task.client is not None
+
+    # ---------------------------------------------------------------- client connections
+    def _on_client_frame(self, conn: _Conn, frame: protocol.Frame) -> None:
+        """A request from the tasks of a worker: read shared data, submit or claim a child."""
+        kind = frame.kind
+        if kind == protocol.FETCH:
+            req_id, name = frame.meta
+            entry = self._store.get(name) if isinstance(name, str) else None
+            if entry is None:
+                self._reply(conn, req_id, False, f"no shared data named {name!r}")
+                return
+            version, payload, oob = entry
+            self._store_readers.setdefault(name, set()).add(conn.worker_id)  # type: ignore[arg-type]
+            self._reply(conn, req_id, True, version, [payload, *oob])
+        elif kind == protocol.SUBMIT:
+            self._child_submitted(conn, frame)
+        elif kind == protocol.CLAIM:
+            self._child_claimed(conn, *frame.meta)
+        else:
+            self._disconnected(conn, f"protocol error: unexpected {protocol.KIND_NAMES[kind]} "
+                                     "on a client connection")
+
+    def _reply(self, conn: _Conn, req_id: int, ok: Any, extra: Any,
+               buffers: list[Any] | tuple[()] = ()) -> None:
+        if conn in self._conns:
+            self._send_raw(conn, protocol.encode_frame(protocol.REPLY, (req_id, ok, extra),
+                                                       buffers))
+
+    def _client_closed(self, conn: _Conn, why: str) -> None:
+        """A client connection ended: its children that have not started are cancelled (their
+        parent is gone, or will run again and submit them again); running ones finish."""
+        self._close(conn)
+        slot = conn.slot
+        if slot is not None and slot.client is conn:
+            slot.client = None
+        children, conn.children = conn.children or {}, {}
+        dropped = 0
+        for task in children.values():
+            if task.state in (TaskState.QUEUED, TaskState.BLOCKED) and not task.attempt:
+                self._sched.stop_task(task, TaskState.CANCELLED)
+                _cancel(task)
+                dropped += 1
+        if dropped:
+            logger.info("cancelled %d child task(s) of worker %s: %s", dropped, conn.worker_id,
+                        why)
+
+    def _store_data(self, name: str, payload: Any, oob: list[Any] | None) -> None:
+        """Store (or, with payload None, delete) shared data; workers holding a copy are told
+        to forget it, ahead of any task submitted after this."""
+        if payload is None:
+            self._store.pop(name, None)
+        else:
+            self._store[name] = (next(self._store_versions), payload, oob or [])
+        for worker_id in self._store_readers.pop(name, ()):
+            slot = self._slots.get(worker_id)
+            if slot is not None and slot.conn is not None and slot.conn in self._conns:
+                self._send_raw(slot.conn, protocol.encode_frame(protocol.FORGET, ([name],)))
+
+    def _child_submitted(self, conn: _Conn, frame: protocol.Frame) -> None:
+        req_id, fn_data, name, options = frame.meta
+        buffers = [bytes(b) for b in frame.buffers]  # the receive buffer is reused
+        try:
+            opts = _child_options(options)
+        except (TypeError, ValueError) as exc:
+            data, type_name, message, text = serialization.dumps_exception(exc)
+            self._reply(conn, req_id, False, (type_name, message, text), [data])
+            return
+        future: Future[Any] = Future()
+        fn: Any = serialization.Pickled(fn_data, [], str(name))
+        task = Task(next(task_ids), future, fn,
+                    serialization.Pickled(buffers[0], buffers[1:]), None, TaskKind.CALL,
+                    opts["time_limit"], opts["max_retries"], opts["tag"], opts["priority"],
+                    opts["needs"])
+        # Queued (where its parent can claim it) or running: never held in a prefetch window.
+        task.exclusive = True
+        task.client = (conn, req_id)
+        future._distexec_task_id = task.id  # type: ignore[attr-defined]
+        assert conn.children is not None
+        conn.children[req_id] = task
+        future.add_done_callback(partial(self._child_done, conn, req_id))
+        if self._terminating:
+            future.cancel()
+            return
+        logger.debug("worker %s submitted child task %d (%s)", conn.worker_id, task.id, name)
+        if task.needs is not None:
+            self._check_needs(task)
+        self._sched.add_task(task)
+
+    def _child_claimed(self, conn: _Conn, claim_id: int, req_id: int) -> None:
+        """The parent waits for this child: if it is still queued, it runs inside the parent,
+        on the parent's worker (so waiting never starves the pool)."""
+        assert conn.children is not None
+        task = conn.children.get(req_id)
+        slot = conn.slot
+        record = self._sched.workers.get(conn.worker_id)  # type: ignore[arg-type]
+        if (task is None or task.state is not TaskState.QUEUED or slot is None
+                or record is None or record.state not in (WorkerState.BUSY, WorkerState.IDLE,
+                                                          WorkerState.DRAINING)
+                or record.blocked or slot.conn is None):
+            self._reply(conn, claim_id, False, "not queued")
+            return
+        self._sched.queue.remove(task)
+        if not task.attempt and not self._claim(task):
+            self._sched.stop_task(task, TaskState.CANCELLED)
+            self._reply(conn, claim_id, False, "cancelled")
+            return
+        self._sched.assign(task, record)
+        logger.debug("child task %d runs inside its parent on worker %d", task.id, record.id)
+        self._send_tasks(slot, conn, [task], claim_id=claim_id)
+
+    def _child_finished(self, task: Task, ok: Any, payload: Any, oob: list[Any], extra: Any,
+                        duration: float) -> None:
+        """A child task's result or exception goes to its parent as it came, unpickled."""
+        conn, req_id = task.client
+        self._sched.settle(task, duration, bool(ok))
+        future = task.future
+        future._distexec_forwarded = True  # type: ignore[attr-defined]
+        _settle(future, True, None)
+        self._reply(conn, req_id, bool(ok), extra, [bytes(payload), *(bytes(b) for b in oob)])
+
+    def _child_done(self, conn: _Conn, req_id: int, future: Future[Any]) -> None:
+        """Done-callback of a child's future: tell the parent how it ended, unless its result
+        was passed on already (failed here: lost workers, time limit, cancelled...)."""
+        if conn.children is not None:
+            conn.children.pop(req_id, None)
+        if getattr(future, "_distexec_forwarded", False) or conn not in self._conns:
+            return
+        exc: BaseException | None
+        if future.cancelled():
+            exc = CancelledError("the child task was cancelled")
+        else:
+            exc = future.exception()
+        if exc is None:  # pragma: no cover - results are always passed on
+            return
+        data, type_name, message, text = serialization.dumps_exception(exc)
+        self._reply(conn, req_id, False, (type_name, message, text), [data])
+
+    # ---------------------------------------------------------------- dependencies
+    def _add_with_deps(self, task: Task) -> None:
+        """File a task whose arguments include futures: it waits until they are done."""
+        self._sched.add_blocked(task)
+        assert task.deps is not None
+        callback = partial(self._dep_callback, task.id)
+        for dep in task.deps:
+            dep.add_done_callback(callback)  # runs at once (posting) if already done
+
+    def _dep_callback(self, task_id: int, _: Future[Any]) -> None:
+        # Whichever thread completed the dependency: hand the news to the manager thread.
+        self.post((CMD_DEP, task_id))
+
+    def _dependency_done(self, task_id: int) -> None:
+        task = self._sched.tasks.get(task_id)
+        if task is None or task.state is not TaskState.BLOCKED:
+            return
+        deps = task.deps
+        assert deps is not None
+        if task.future.cancelled():
+            self._sched.stop_task(task, TaskState.CANCELLED)
+            return
+        pending = False
+        for index, dep in enumerate(deps):
+            if not dep.done():
+                pending = True
+                continue
+            cause: BaseException | None
+            if dep.cancelled():
+                cause, what = CancelledError(), "was cancelled"
+            else:
+                cause = dep.exception()
+                what = (f"failed with {type(cause).__name__}: {serialization.safe_str(cause)}"
+                        if cause is not None else "")
+            if cause is not None:
+                dep_id = getattr(dep, "_distexec_task_id", None)
+                which = f"task {dep_id}" if dep_id is not None else "a future"
+                err = DependencyError(
+                    f"task {task.id} ({serialization.describe_callable(task.fn)}) was not run: "
+                    f"it depends on {which} (dependency {index + 1} of {len(deps)}), which "
+                    f"{what}")
+                err.__cause__ = cause
+                logger.info("task %d not run: %s %s", task.id, which, what)
+                self._sched.stop_task(task, TaskState.FAILED)
+                _settle(task.future, False, err)
+                return
+        if pending:
+            return
+        # Every dependency succeeded: put the values in place of the futures.
+        task.args = tuple(a.result() if isinstance(a, Future) else a for a in task.args)
+        if task.kwargs:
+            task.kwargs = {k: v.result() if isinstance(v, Future) else v
+                           for k, v in task.kwargs.items()}
+        task.deps = None
+        if task.needs is not None:
+            self._check_needs(task)
+        self._sched.unblock(task)
+
+    def _check_needs(self, task: Task) -> None:
+        """Warn (once per kind of needs) about a task that no pool could ever run."""
+        needs = task.needs
+        assert needs is not None
+        if needs.key in self._warned_needs:
+            return
+        if any(pool.could_ever_fit(needs) for pool in self._pools.values()
+               if pool.workers or pool.name == "local" and self._target):
+            return
+        for host in self._hosts:
+            if host.state != "failed" and Pool(host.spec.label, resources_from_settings(
+                    host.spec.settings)).could_ever_fit(_without_slots(needs)):
+                return
+        self._warned_needs.add(needs.key)
+        offered = "; ".join(f"{pool.name}: {pool.describe() or 'nothing'}"
+                            for pool in self._pools.values()) or "no workers"
+        logger.warning(
+            "task %d (%s) needs %s, which no worker offers (%s); it waits until a worker that "
+            "offers it joins (distexec worker --resources ..., or a host with those settings)",
+            task.id, serialization.describe_callable(task.fn), needs, offered)
 
     # ---------------------------------------------------------------- writing
     def _send_raw(self, conn: _Conn, parts: list[Any]) -> None:
@@ -1169,7 +1599,8 @@ class Manager:
         task = self._sched.tasks.get(task_id)
         if task is None:
             return False
-        if task.state is TaskState.QUEUED and not task.attempt:
+        if task.state is TaskState.BLOCKED or (task.state is TaskState.QUEUED
+                                               and not task.attempt):
             self._sched.stop_task(task, TaskState.CANCELLED)
             return task.future.cancel()
         logger.info("aborting task %d", task_id)
@@ -1231,11 +1662,14 @@ class Manager:
         worker_id = task.worker_id if task.state is TaskState.ASSIGNED else None
         attempt = task.attempt
         future = task.future
-        self._sched.stop_task(task, state)
-        if err is None:
-            force_cancel(future)
+        if err is not None and task.fallback is not None and worker_id is not None:
+            self._fail(task, err)  # runs the fallback elsewhere; the worker is stopped below
         else:
-            _settle(future, False, err)
+            self._sched.stop_task(task, state)
+            if err is None:
+                force_cancel(future)
+            else:
+                _settle(future, False, err)
         slot = self._slots.get(worker_id) if worker_id is not None else None
         if slot is None:
             return
@@ -1315,7 +1749,11 @@ class Manager:
         return out
 
     def _function(self, task: Task, slot: _Slot, defs: list[Any], forget: list[int]) -> int:
-        fn = task.fn
+        fn: Any = task.fn
+        if type(fn) is serialization.Pickled:  # a child task's function, pickled by its parent
+            fn_id = self._fn_cache.add(task.fn, fn.data)  # a fresh id; not cached
+            defs.append((fn_id, fn.data, True))
+            return fn_id
         cached = self._fn_cache.lookup(fn)
         if cached is None:
             data = serialization.dumps_inband(fn)
@@ -1336,7 +1774,8 @@ class Manager:
                 forget.append(old)
         return fn_id
 
-    def _send_tasks(self, slot: _Slot, conn: _Conn, tasks: list[Task]) -> None:
+    def _send_tasks(self, slot: _Slot, conn: _Conn, tasks: list[Task],
+                    claim_id: int | None = None) -> None:
         defs: list[Any] = []
         forget: list[int] = []
         items: list[Any] = []
@@ -1348,7 +1787,9 @@ class Manager:
                 self._unpicklable(task, "its function", exc)
                 continue
             try:
-                if task.kind is TaskKind.CALL:
+                if type(task.args) is serialization.Pickled:
+                    payload, oob = task.args.data, task.args.buffers
+                elif task.kind is TaskKind.CALL:
                     payload, oob = serialization.dumps((task.args, task.kwargs or {}))
                 else:
                     payload, oob = serialization.dumps(task.args)
@@ -1365,7 +1806,13 @@ class Manager:
                 self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items),
                                                        buffers))
                 defs, forget, items, buffers = [], [], [], []
-        if items or forget or defs:
+        if claim_id is not None:  # a child task, to run inside its waiting parent
+            if items:
+                self._send_raw(conn, protocol.encode_frame(protocol.RUN,
+                                                           (claim_id, defs, items), buffers))
+            else:  # it could not be pickled (its future says so): nothing to run
+                self._reply(conn, claim_id, False, "the task could not be sent")
+        elif items or forget or defs:
             meta = (defs, forget, items)
             self._send_raw(conn, protocol.encode_frame(protocol.TASKS, meta, buffers))
 
@@ -1478,6 +1925,9 @@ class Manager:
         if conn.control:
             self._control_closed(conn, why)
             return
+        if conn.client:
+            self._client_closed(conn, why)
+            return
         self._close(conn)
         slot = conn.slot
         if slot is not None and slot.zombie:
@@ -1541,9 +1991,11 @@ class Manager:
             slot.lost_at = time.monotonic()
             self._zombies[slot.worker_id] = slot
         else:
-            for conn in (slot.conn, slot.ctrl):
+            for conn in (slot.conn, slot.ctrl, slot.client):
                 if conn is not None:
                     self._close(conn)
+            if slot.client is not None:
+                self._client_closed(slot.client, "the worker is gone")
         clean = (slot.shutdown_sent and not record.assigned and not slot.lost_reason
                  and (exitcode is None or exitcode == 0 or self._terminating))
         if record.state in (WorkerState.LAUNCHING, WorkerState.CONNECTED):
@@ -1640,8 +2092,7 @@ class Manager:
             attempts=tuple(losses))
         logger.error("task %d (%s) failed: its worker was lost %d time(s)", task.id, name,
                      len(losses))
-        self._sched.fail_task(task)
-        _settle(task.future, False, err)
+        self._fail(task, err)
 
     def _running_task(self, slot: _Slot, held: list[Task]) -> Task | None:
         """Which of a lost worker's tasks it was running: exact for local workers (they publish
@@ -1691,7 +2142,72 @@ class Manager:
             except OSError:
                 pass
         self._selector.close()
+        if self._registration is not None:
+            from . import monitor
+
+            monitor.unregister(self._registration)
         _live_managers.discard(self)
+
+
+def resources_from_settings(settings: Any) -> dict[str, float | str]:
+    """A hosts-file line's ``key=value`` settings as pool resources: numbers where they parse
+    as numbers (``gpu=2``), text labels otherwise (``zone=a``)."""
+    out: dict[str, float | str] = {}
+    for key, value in settings:
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _child_options(options: Any) -> dict[str, Any]:
+    """Check the options a task gave a child task (TypeError/ValueError with what is wrong)."""
+    if not isinstance(options, dict):
+        raise TypeError("child task options must be a dict")
+    tag = options.get("tag")
+    hash(tag)
+    priority = options.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError("priority must be an integer")
+    time_limit = options.get("time_limit")
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError("time_limit must be a positive number of seconds or None")
+    max_retries = options.get("max_retries")
+    if max_retries is not None and not (isinstance(max_retries, int) and max_retries >= 0):
+        raise ValueError("max_retries must be an integer >= 0 or None")
+    resources = options.get("resources")
+    needs = None
+    if resources:
+        if not isinstance(resources, dict) or not all(
+                isinstance(k, str) and (isinstance(v, str) or (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0))
+                for k, v in resources.items()):
+            raise ValueError("resources must map names to positive numbers or text labels")
+        needs = Needs(resources)
+    return {"tag": tag, "priority": priority, "time_limit": time_limit,
+            "max_retries": max_retries, "needs": needs}
+
+
+def _offered(spec: Any) -> dict[str, float | str] | None:
+    """The resources a joined worker offers, keeping only well-formed entries."""
+    if not isinstance(spec, dict):
+        return None
+    out: dict[str, float | str] = {}
+    for name, value in spec.items():
+        if (isinstance(name, str) and name.isidentifier() and name != "slots"
+                and isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+            out[name] = value
+        else:
+            logger.warning("ignored the resource %r=%r offered by a worker", name, value)
+    return out
+
+
+def _without_slots(needs: Needs) -> Needs:
+    spec: dict[str, float | str] = dict(needs.amounts)
+    spec.pop("slots", None)
+    spec.update(needs.labels)
+    return Needs(spec)
 
 
 def _client_sys_path() -> list[str]:

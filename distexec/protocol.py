@@ -55,10 +55,22 @@ code    name             direction    meta
 2       TASKS            M -> W       (definitions, forget, items); see manager/worker
 3       SHUTDOWN         M -> W       (reason,)   finish what you hold, then exit; reason
                                       is "" or "replaced" (declared lost, then came back)
+4       STATUS           M -> C       (status dict,)   answer to a status connection, then
+                                      the manager closes it (see below)
+5       REPLY            M -> C       (request id, ok, extra)   answer to FETCH, SUBMIT or CLAIM;
+                                      buffers: the pickled value or exception
+6       RUN              M -> C       (claim id, definitions, items)   run this child task here
+                                      now (answer to CLAIM); items as in TASKS
+7       FORGET           M -> W       (names,)   shared data replaced or deleted: drop copies
 16      READY            W -> M       (pid,)   initializer done, send tasks
 17      INIT_FAILED      W -> M       (error item,)   initializer raised; worker exits
 18      RESULTS          W -> M       (items,)  one item per finished task
 19      LEAVE            W -> M       ()   take no new task; SHUTDOWN me when I hold none
+20      SUBMIT           C -> M       (request id, pickled function, nbufs, options)   a task
+                                      submits a child task; buffers: its pickled arguments
+21      CLAIM            C -> M       (claim id, request id)   the parent waits for this child:
+                                      send it here (RUN) if it is still queued
+22      FETCH            C -> M       (request id, name)   read shared data
 ======  ===============  ===========  ====================================================
 
 Control channel
@@ -85,6 +97,21 @@ Each worker opens a second connection, authenticated by the same handshake with
   was; while the task holds the GIL the answer waits, and the manager does not wait long).
 
 When the control connection closes, the worker exits at once: its task manager is gone.
+
+Client connections
+==================
+A task that reads shared data or submits tasks of its own makes its worker open a third
+connection, authenticated with ``"channel": "client"`` (and the worker's id and pid). It carries
+frames: SUBMIT, CLAIM and FETCH from the worker, REPLY and RUN from the manager. A reply may
+come long after its request (the result of a child task), so a reader thread in the worker
+matches replies to requests by id. FORGET travels on the main connection, ahead of any task
+submitted after the data changed, so such a task never reads a stale copy.
+
+Status connections
+==================
+``distexec status`` authenticates with the same handshake and ``"channel": "status"`` in its
+info; the manager answers with one ``STATUS`` frame of plain data (strings and numbers only, so
+the client unpickles nothing it did not expect) and closes the connection.
 """
 
 from __future__ import annotations
@@ -285,18 +312,32 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024**3
 CONFIG = 1
 TASKS = 2
 SHUTDOWN = 3
+STATUS = 4
+REPLY = 5
+RUN = 6
+FORGET = 7
 READY = 16
 INIT_FAILED = 17
 RESULTS = 18
 LEAVE = 19
+SUBMIT = 20
+CLAIM = 21
+FETCH = 22
 KIND_NAMES = {
     CONFIG: "CONFIG",
     TASKS: "TASKS",
     SHUTDOWN: "SHUTDOWN",
+    STATUS: "STATUS",
+    REPLY: "REPLY",
+    RUN: "RUN",
+    FORGET: "FORGET",
     READY: "READY",
     INIT_FAILED: "INIT_FAILED",
     RESULTS: "RESULTS",
     LEAVE: "LEAVE",
+    SUBMIT: "SUBMIT",
+    CLAIM: "CLAIM",
+    FETCH: "FETCH",
 }
 
 # ---------------------------------------------------------------------------- control channel

@@ -5,10 +5,12 @@ here. The task manager thread is the only caller; tests drive it directly.
 
 Task states::
 
+    BLOCKED (waiting for the futures it depends on) ──► QUEUED / FAILED / CANCELLED
     QUEUED ──► ASSIGNED ──► DONE
       │  ▲        ├───────► FAILED (raised, could not be pickled, ran past its time limit, or
       │  │        │                 its workers were lost more than max_retries times)
-      │  └────────┤ (its worker was lost: back to the front of the queue)
+      │  └────────┤ (its worker was lost, it raised an exception it is retried on, or it
+      │           │  declined the worker: back to the queue)
       │           └───────► CANCELLED (aborted, or the executor was terminated)
       └──────────────────► CANCELLED (future cancelled or aborted before dispatch) / FAILED
 
@@ -35,12 +37,29 @@ work (by a moving average of the durations it reported). Long tasks are therefor
 at a time (nothing hoarded, nothing to re-run when a worker dies), while no-op tasks travel in
 batches of up to ``MAX_WINDOW``. A task with a time limit goes only to a worker that holds
 nothing else, and that worker gets nothing more until it is done, so that the time it has been
-assigned is the time it has been running.
+assigned is the time it has been running. The same holds for a task that needs resources
+(its worker's pool lends them exactly while it runs) and for a task submitted by another task
+(it must be either queued, where its parent can claim it to run inline, or running).
+
+Placement
+---------
+Workers belong to a resource pool: the local workers share one (the executor's ``resources``),
+the workers on one SSH host share that host's (its ``slots`` and ``key=value`` settings), and
+a worker started by hand has its own (``--resources``). A pool has numeric capacities (``slots``,
+``gpu=2``, ``mem=64``) and text labels (``zone=a``). A task's needs fit a worker when each
+numeric need is at most what its pool has free and each label matches. ``slots`` is special:
+every worker of the pool that holds a task uses one, and a task needing ``slots=k`` uses k.
+
+Which queued task a worker with room gets is decided by a :class:`Policy` (one method, tested
+on its own); the default takes the highest priority first, then the oldest task, among those
+that fit the worker. The queue keeps one FIFO per (priority, needs) class, so that choice
+costs one look per class, not one per queued task.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -49,7 +68,11 @@ from typing import Any
 
 from .errors import LostAttempt
 
-__all__ = ["Scheduler", "Task", "TaskKind", "TaskState", "WorkerRecord", "WorkerState"]
+__all__ = ["Needs", "Policy", "Pool", "Scheduler", "Task", "TaskKind", "TaskQueue", "TaskState",
+           "WorkerRecord", "WorkerState"]
+
+# Task ids, for every executor of this process (itertools.count is atomic under the GIL).
+task_ids = itertools.count(1)
 
 # Seconds of queued work a worker may hold besides the one it runs. Larger: fewer round trips for
 # short tasks; smaller: less imbalance at the end of a run and less work re-run on a crash.
@@ -61,6 +84,7 @@ EWMA_ALPHA = 0.2
 
 
 class TaskState(enum.Enum):
+    BLOCKED = "blocked"
     QUEUED = "queued"
     ASSIGNED = "assigned"
     DONE = "done"
@@ -74,6 +98,7 @@ class TaskKind(enum.IntEnum):
 
 
 _TASK_EDGES: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.BLOCKED: frozenset({TaskState.QUEUED, TaskState.CANCELLED, TaskState.FAILED}),
     TaskState.QUEUED: frozenset({TaskState.ASSIGNED, TaskState.CANCELLED, TaskState.FAILED}),
     TaskState.ASSIGNED: frozenset(
         {TaskState.DONE, TaskState.FAILED, TaskState.QUEUED, TaskState.CANCELLED}
@@ -95,6 +120,7 @@ class WorkerState(enum.Enum):
 
 
 _LIVE = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+_LIVE_OR_DRAINING = frozenset({WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING})
 _WORKER_EDGES: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.LAUNCHING: frozenset({WorkerState.CONNECTED, WorkerState.LOST, WorkerState.GONE}),
     WorkerState.CONNECTED: frozenset({WorkerState.IDLE, WorkerState.LOST, WorkerState.DRAINING}),
@@ -117,7 +143,8 @@ class Task:
     """One unit of work. Created in the caller's thread, owned by the manager thread after that."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
-                 "time_limit", "max_retries", "losses", "tag")
+                 "time_limit", "max_retries", "losses", "tag", "priority", "needs", "exclusive",
+                 "declined", "retry_on", "fallback", "errors", "deps", "client")
 
     def __init__(
         self,
@@ -130,6 +157,8 @@ class Task:
         time_limit: float | None = None,
         max_retries: int | None = None,
         tag: Any = None,
+        priority: int = 0,
+        needs: Needs | None = None,
     ) -> None:
         self.id = task_id
         self.future = future
@@ -144,6 +173,17 @@ class Task:
         self.max_retries = max_retries  # None: the executor's default
         self.losses: list[LostAttempt] | None = None
         self.tag = tag  # any hashable; status counts are kept per tag
+        self.priority = priority  # higher runs first
+        self.needs = needs  # resources it needs from its worker's pool, or None
+        # Sent only to a worker that holds nothing else, which then gets nothing more until it
+        # is done: time limits and resources count from the moment it is sent.
+        self.exclusive = time_limit is not None or needs is not None
+        self.declined: set[int] | None = None  # workers that declined it
+        self.retry_on: tuple[type[BaseException], ...] | None = None  # re-run on these
+        self.fallback: Callable[..., Any] | None = None  # runs once every attempt failed
+        self.errors = 0  # attempts that raised an exception it is retried on
+        self.deps: list[Future[Any]] | None = None  # futures to resolve before it is queued
+        self.client: Any = None  # set for a task submitted by another task (see manager)
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} attempt={self.attempt}>"
@@ -158,6 +198,227 @@ class Task:
         self.fn = None  # type: ignore[assignment]
         self.args = None
         self.kwargs = None
+        self.fallback = None
+        self.deps = None
+
+    def retries_used(self) -> int:
+        """Re-runs so far: for lost workers and for exceptions it is retried on."""
+        return self.errors + (len(self.losses) if self.losses else 0)
+
+
+class Needs:
+    """What a task needs from its worker's pool: numeric amounts and text labels."""
+
+    __slots__ = ("amounts", "labels", "key")
+
+    def __init__(self, spec: dict[str, float | int | str]) -> None:
+        amounts: dict[str, float] = {}
+        labels: dict[str, str] = {}
+        for name, value in spec.items():
+            if isinstance(value, str):
+                labels[name] = value
+            else:
+                amounts[name] = float(value)
+        self.amounts = amounts
+        self.labels = labels
+        # Tasks with equal needs share a queue class.
+        self.key = (tuple(sorted(amounts.items())), tuple(sorted(labels.items())))
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={v:g}" for k, v in sorted(self.amounts.items())]
+        parts += [f"{k}={v}" for k, v in sorted(self.labels.items())]
+        return ", ".join(parts)
+
+
+class Pool:
+    """Resources shared by a group of workers (the local ones, one SSH host, one joined
+    worker). Capacities are fixed while the pool lives; ``used`` follows the tasks that
+    needed something from it, from dispatch until they end."""
+
+    __slots__ = ("name", "amounts", "labels", "used", "workers", "slot_extra")
+
+    def __init__(self, name: str, spec: dict[str, float | int | str] | None = None,
+                 slots: int | None = None) -> None:
+        self.name = name
+        needs = Needs(dict(spec or {}))
+        self.amounts = needs.amounts
+        self.labels = needs.labels
+        if slots is not None:
+            self.amounts["slots"] = float(slots)
+        self.used: dict[str, float] = {}
+        self.workers: set[WorkerRecord] = set()
+        self.slot_extra = 0.0  # slots beyond one used by tasks that need several
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} {self.amounts} {self.labels}>"
+
+    def describe(self) -> dict[str, float | str]:
+        out: dict[str, float | str] = dict(self.amounts)
+        out.update(self.labels)
+        return out
+
+    def free_slots(self) -> float:
+        busy = sum(1 for w in self.workers if w.assigned and w.state in _LIVE_OR_DRAINING)
+        return self.amounts.get("slots", math.inf) - busy - self.slot_extra
+
+    def could_ever_fit(self, needs: Needs) -> bool:
+        """True if an idle pool could run a task with these needs."""
+        for name, value in needs.labels.items():
+            if self.labels.get(name) != value:
+                return False
+        return all(self.amounts.get(name, 0.0) >= amount
+                   for name, amount in needs.amounts.items())
+
+    def fits(self, needs: Needs, idle_worker: bool) -> bool:
+        """True if the pool has what ``needs`` asks for, free now."""
+        for name, value in needs.labels.items():
+            if self.labels.get(name) != value:
+                return False
+        for name, amount in needs.amounts.items():
+            if name == "slots":
+                # The worker taking the task counts as one busy slot already if it holds
+                # something; an idle one is about to become busy.
+                free = self.free_slots() - (1 if idle_worker else 0)
+                if free < amount - 1:
+                    return False
+            elif self.amounts.get(name, 0.0) - self.used.get(name, 0.0) < amount:
+                return False
+        return True
+
+    def take(self, needs: Needs) -> None:
+        used = self.used
+        for name, amount in needs.amounts.items():
+            if name == "slots":
+                self.slot_extra += amount - 1
+            else:
+                used[name] = used.get(name, 0.0) + amount
+
+    def give_back(self, needs: Needs) -> None:
+        used = self.used
+        for name, amount in needs.amounts.items():
+            if name == "slots":
+                self.slot_extra -= amount - 1
+            else:
+                used[name] = used.get(name, 0.0) - amount
+
+
+class TaskQueue:
+    """Queued tasks, one FIFO per (priority, needs) class, plus the tasks some worker declined.
+
+    The common case, every task with priority 0 and no needs, uses only ``main``.
+    """
+
+    __slots__ = ("main", "classes", "declined", "_len")
+
+    def __init__(self) -> None:
+        self.main: deque[Task] = deque()
+        # (-priority, needs key) -> FIFO; main is also registered here under (0, None).
+        self.classes: dict[tuple[int, Any], deque[Task]] = {(0, None): self.main}
+        self.declined: list[Task] = []  # scanned in full: a worker must skip what it declined
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Task]:
+        for fifo in self.classes.values():
+            yield from fifo
+        yield from self.declined
+
+    def simple(self) -> bool:
+        """Only plain tasks are queued (the fast path)."""
+        return len(self.main) == self._len
+
+    def _fifo(self, task: Task) -> deque[Task]:
+        if task.priority == 0 and task.needs is None:
+            return self.main
+        key = (-task.priority, None if task.needs is None else task.needs.key)
+        fifo = self.classes.get(key)
+        if fifo is None:
+            fifo = self.classes[key] = deque()
+            # Keep the classes sorted by priority (a handful at most): dict order is used.
+            self.classes = dict(sorted(self.classes.items(),
+                                       key=lambda kv: (kv[0][0], kv[0][1] is not None)))
+        return fifo
+
+    def append(self, task: Task) -> None:
+        self._len += 1
+        if task.declined:
+            self.declined.append(task)
+        else:
+            self._fifo(task).append(task)
+
+    def appendleft(self, task: Task) -> None:
+        self._len += 1
+        if task.declined:
+            self.declined.insert(0, task)
+        else:
+            self._fifo(task).appendleft(task)
+
+    def remove(self, task: Task) -> None:
+        """Take a task out wherever it is (ValueError if it is not queued)."""
+        if task.declined and task in self.declined:
+            self.declined.remove(task)
+        else:
+            self._fifo(task).remove(task)
+        self._len -= 1
+
+    def take(self, task: Task) -> None:
+        """Take out a task that :meth:`Policy.pick` returned (the head of its FIFO, or a
+        declined one)."""
+        if task.declined:
+            self.declined.remove(task)
+        else:
+            fifo = self._fifo(task)
+            if fifo[0] is task:
+                fifo.popleft()
+            else:  # pragma: no cover - a policy that picks from the middle
+                fifo.remove(task)
+        self._len -= 1
+
+    def clear(self) -> list[Task]:
+        out = list(self)
+        for fifo in self.classes.values():
+            fifo.clear()
+        self.declined.clear()
+        self._len = 0
+        return out
+
+
+class Policy:
+    """Which queued task a worker with room gets next: the scheduling policy.
+
+    Replace it by subclassing and passing an instance to :class:`Scheduler`. ``pick`` must
+    return a task for which ``scheduler.fits(task, worker)`` holds (or None), and leave the
+    queue unchanged; the scheduler takes the task out and assigns it.
+    """
+
+    def pick(self, scheduler: Scheduler, worker: WorkerRecord) -> Task | None:
+        """Default: the highest priority first, then the oldest, among tasks that fit."""
+        queue = scheduler.queue
+        fits = scheduler.fits
+        if queue.simple():
+            head = queue.main[0]
+            return head if fits(head, worker) else None
+        best: Task | None = None
+        for (neg_priority, _), fifo in queue.classes.items():
+            if not fifo:
+                continue
+            if best is not None and -neg_priority < best.priority:
+                break  # classes are sorted by priority: nothing better follows
+            head = fifo[0]
+            if (best is None or head.priority > best.priority or head.id < best.id) \
+                    and fits(head, worker):
+                best = head
+        for task in queue.declined:
+            if (best is None or task.priority > best.priority
+                    or (task.priority == best.priority and task.id < best.id)) \
+                    and fits(task, worker):
+                best = task
+        return best
 
 
 class WorkerRecord:
@@ -166,7 +427,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma",
         "started_at", "connected_at", "info", "exitcode", "reason", "limited", "local",
-        "tasks_done", "blocked", "origin",
+        "tasks_done", "blocked", "origin", "pool",
     )
 
     def __init__(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> None:
@@ -183,12 +444,16 @@ class WorkerRecord:
         self.info: dict[str, Any] = {}
         self.exitcode: int | None = None
         self.reason: str | None = None
-        self.limited = 0  # assigned tasks with a time limit (such a worker takes nothing more)
+        self.limited = 0  # assigned exclusive tasks (such a worker takes nothing more)
         self.local = True  # started by this executor on this machine
         self.origin = "local"  # "local", the label of the SSH host it runs on, or "joined"
         self.tasks_done = 0
         # Sent no new task while set: an ABORT awaits its answer, or the worker is dying.
         self.blocked = False
+        self.pool: Pool | None = None  # the resources it shares with its pool
+
+    def __hash__(self) -> int:
+        return self.id
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state.value} host={self.host} pid={self.pid}>"
@@ -221,22 +486,23 @@ class WorkerRecord:
 class Scheduler:
     """Task and worker tables plus the dispatch policy. Manager thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy | None = None) -> None:
         self.tasks: dict[int, Task] = {}
-        self.queue: deque[Task] = deque()
+        self.queue = TaskQueue()
         self.workers: dict[int, WorkerRecord] = {}
+        self.policy = policy or Policy()
         # Per tag: [done, failed, cancelled]. Queued and assigned tasks are counted only when
         # asked (tag_counts), so that the per-task cost is one counter, at the end.
         self.tag_ended: dict[Any, list[int]] = {}
 
     def tag_counts(self) -> dict[Any, tuple[int, int, int, int, int]]:
-        """Per tag: (queued, assigned, done, failed, cancelled). O(pending tasks)."""
+        """Per tag: (waiting, assigned, done, failed, cancelled). O(pending tasks)."""
         live: dict[Any, list[int]] = {}
         for task in self.tasks.values():
             counts = live.get(task.tag)
             if counts is None:
                 counts = live[task.tag] = [0, 0]
-            counts[task.state is not TaskState.QUEUED] += 1
+            counts[task.state is TaskState.ASSIGNED] += 1
         out = {}
         for tag in live.keys() | self.tag_ended.keys():
             queued, assigned = live.get(tag, (0, 0))
@@ -249,15 +515,27 @@ class Scheduler:
         self.tasks[task.id] = task
         self.queue.append(task)
 
+    def add_blocked(self, task: Task) -> None:
+        """File a task that waits for its dependencies (see :meth:`unblock`)."""
+        task.state = TaskState.BLOCKED
+        self.tasks[task.id] = task
+
+    def unblock(self, task: Task) -> None:
+        """Its dependencies are resolved: queue it."""
+        task.transition(TaskState.QUEUED)
+        self.queue.append(task)
+
     def has_work(self) -> bool:
-        """True while any task is queued or assigned."""
+        """True while any task is blocked, queued or assigned."""
         return bool(self.tasks)
 
     def _unassign(self, task: Task) -> None:
         worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
         if worker is not None and worker.assigned.pop(task.id, None) is not None:
-            if task.time_limit is not None:
+            if task.exclusive:
                 worker.limited -= 1
+                if task.needs is not None and worker.pool is not None:
+                    worker.pool.give_back(task.needs)
             if worker.state is WorkerState.BUSY and not worker.assigned:
                 worker.transition(WorkerState.IDLE)
 
@@ -273,9 +551,10 @@ class Scheduler:
         task.release()
 
     def cancel_queued(self) -> list[Task]:
-        """Take every queued task out (shutdown with cancel_futures); caller cancels futures."""
-        out = list(self.queue)
-        self.queue.clear()
+        """Take every queued or blocked task out (shutdown with cancel_futures); caller
+        cancels the futures."""
+        out = self.queue.clear()
+        out += [t for t in self.tasks.values() if t.state is TaskState.BLOCKED]
         for task in out:
             self._finish(task, TaskState.CANCELLED)
         return out
@@ -284,6 +563,19 @@ class Scheduler:
         self, worker_id: int, task_id: int, attempt: int, duration: float, ok: bool
     ) -> Task | None:
         """Record a result; return the task, or None if the result is stale (drop it)."""
+        task = self.current(worker_id, task_id, attempt)
+        if task is not None:
+            self.settle(task, duration, ok)
+        return task
+
+    def settle(self, task: Task, duration: float, ok: bool) -> None:
+        """Record the result of a task that :meth:`current` returned."""
+        assert task.worker_id is not None
+        self._count_done(task.worker_id, duration)
+        self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
+
+    def current(self, worker_id: int, task_id: int, attempt: int) -> Task | None:
+        """The task a result is for, or None if the result is stale."""
         task = self.tasks.get(task_id)
         if (
             task is None
@@ -292,6 +584,9 @@ class Scheduler:
             or task.worker_id != worker_id
         ):
             return None
+        return task
+
+    def _count_done(self, worker_id: int, duration: float) -> None:
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.tasks_done += 1
@@ -300,15 +595,59 @@ class Scheduler:
                     duration if worker.ewma is None
                     else EWMA_ALPHA * duration + (1 - EWMA_ALPHA) * worker.ewma
                 )
-        self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
-        return task
+
+    def retry(self, task: Task, duration: float) -> None:
+        """An assigned task raised an exception it is retried on: queue it again, at the back
+        (a transient failure gets the time the other queued tasks take)."""
+        assert task.worker_id is not None
+        self._count_done(task.worker_id, duration)
+        task.errors += 1
+        self._unassign(task)
+        task.transition(TaskState.QUEUED)
+        task.worker_id = None
+        self.queue.append(task)
+
+    def decline(self, task: Task) -> bool:
+        """The worker running ``task`` declined it: queue it again for other workers. Returns
+        False, leaving it assigned, if every live worker has declined it (the caller fails it
+        with :meth:`fail_task`)."""
+        worker_id = task.worker_id
+        assert worker_id is not None
+        if task.declined is None:
+            task.declined = set()
+        task.declined.add(worker_id)
+        if all(w.id in task.declined for w in self.live_workers()):
+            return False
+        self._unassign(task)
+        task.worker_id = None
+        task.transition(TaskState.QUEUED)
+        self.queue.appendleft(task)
+        return True
+
+    def fits(self, task: Task, worker: WorkerRecord) -> bool:
+        """Can ``worker`` take ``task`` now? (Exclusive tasks need a worker holding nothing;
+        needs must fit its pool; a worker that declined the task never gets it again.)"""
+        if task.exclusive and worker.assigned:
+            return False
+        if task.declined and worker.id in task.declined:
+            return False
+        pool = worker.pool
+        if task.needs is not None:
+            return pool is not None and pool.fits(task.needs, not worker.assigned)
+        if pool is not None and pool.slot_extra and not worker.assigned:
+            return pool.free_slots() >= 1
+        return True
 
     # -- workers -------------------------------------------------------------------------
     def add_worker(
-        self, worker_id: int, host: str, max_tasks: int | None, now: float
+        self, worker_id: int, host: str, max_tasks: int | None, now: float,
+        pool: Pool | None = None,
     ) -> WorkerRecord:
         record = WorkerRecord(worker_id, host, max_tasks, now)
         self.workers[worker_id] = record
+        if pool is not None:
+            record.pool = pool
+            pool.workers.add(record)
         return record
 
     def live_workers(self) -> Iterator[WorkerRecord]:
@@ -339,7 +678,7 @@ class Scheduler:
         self._finish(task, TaskState.FAILED)
 
     def stop_task(self, task: Task, state: TaskState) -> None:
-        """Settle a queued or assigned task as CANCELLED (aborted) or FAILED (time limit)."""
+        """Settle a blocked, queued or assigned task as CANCELLED (aborted) or FAILED."""
         if task.state is TaskState.QUEUED:
             try:
                 self.queue.remove(task)
@@ -355,10 +694,12 @@ class Scheduler:
             task.losses = []
         task.losses.append(lost)
         limit = default_max_retries if task.max_retries is None else task.max_retries
-        return len(task.losses) <= limit
+        return task.retries_used() <= limit
 
     def forget_worker(self, worker_id: int) -> None:
-        self.workers.pop(worker_id, None)
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None and worker.pool is not None:
+            worker.pool.workers.discard(worker)
 
     def drain(self, worker_id: int) -> None:
         worker = self.workers[worker_id]
@@ -366,12 +707,27 @@ class Scheduler:
             worker.transition(WorkerState.DRAINING)
 
     # -- dispatch ------------------------------------------------------------------------
+    def assign(self, task: Task, worker: WorkerRecord) -> None:
+        """Hand a task taken out of the queue (or claimed by its parent) to a worker."""
+        task.transition(TaskState.ASSIGNED)
+        task.attempt += 1
+        task.worker_id = worker.id
+        worker.assigned[task.id] = task
+        worker.tasks_sent += 1
+        if worker.state is WorkerState.IDLE:
+            worker.transition(WorkerState.BUSY)
+        if task.exclusive:
+            worker.limited += 1  # nothing more for this worker while it runs
+            if task.needs is not None and worker.pool is not None:
+                worker.pool.take(task.needs)
+
     def plan(self, claim: Callable[[Task], bool]) -> list[tuple[WorkerRecord, list[Task]]]:
         """Assign queued tasks to workers with room, round-robin, one task per worker per pass.
 
-        ``claim(task)`` is asked before a task is assigned; False means the task was cancelled in
-        the meantime and it is dropped. A task coming back after a lost worker (attempt > 0)
-        was claimed before and is not asked again. Returns the new assignments per worker, in order.
+        Which task a worker gets is the policy's choice. ``claim(task)`` is asked before a task
+        is assigned; False means the task was cancelled in the meantime and it is dropped. A
+        task coming back to the queue (attempt > 0) was claimed before and is not asked again.
+        Returns the new assignments per worker, in order.
         """
         queue = self.queue
         if not queue:
@@ -380,6 +736,7 @@ class Scheduler:
                  if w.state in _LIVE and len(w.assigned) < w.window]
         if not ready:
             return []
+        pick = self.policy.pick
         batches: dict[int, list[Task]] = {}
         windows = {w.id: w.window for w in ready}
         while queue and ready:
@@ -387,26 +744,18 @@ class Scheduler:
             for worker in ready:
                 task = None
                 while queue:
-                    candidate = queue[0]
-                    if candidate.time_limit is not None and worker.assigned:
-                        break  # it needs a worker of its own; this one holds tasks
-                    queue.popleft()
+                    candidate = pick(self, worker)
+                    if candidate is None:
+                        break
+                    queue.take(candidate)
                     if candidate.attempt or claim(candidate):
                         task = candidate
                         break
                     self._finish(candidate, TaskState.CANCELLED)
                 if task is None:
                     continue
-                task.transition(TaskState.ASSIGNED)
-                task.attempt += 1
-                task.worker_id = worker.id
-                worker.assigned[task.id] = task
-                worker.tasks_sent += 1
+                self.assign(task, worker)
                 batches.setdefault(worker.id, []).append(task)
-                if worker.state is WorkerState.IDLE:
-                    worker.transition(WorkerState.BUSY)
-                if task.time_limit is not None:
-                    worker.limited += 1  # nothing more for this worker while it runs
                 if worker.max_tasks is not None and worker.tasks_sent >= worker.max_tasks:
                     worker.transition(WorkerState.DRAINING)
                 elif not worker.limited and len(worker.assigned) < windows[worker.id]:

@@ -83,6 +83,18 @@ def loads(data: Any, buffers: Any = ()) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+class Pickled:
+    """Something already pickled elsewhere (a child task's function or arguments, pickled by
+    the task that submitted it): the task manager passes it on without unpickling it."""
+
+    __slots__ = ("data", "buffers", "__qualname__")
+
+    def __init__(self, data: Any, buffers: list[Any], name: str = "") -> None:
+        self.data = data
+        self.buffers = buffers
+        self.__qualname__ = name  # what describe_callable() shows for a child's function
+
+
 # ---------------------------------------------------------------------------- functions
 class FunctionCache:
     """Client-side cache: function object -> (function id, pickled bytes). Manager thread only.
@@ -123,6 +135,8 @@ class FunctionCache:
 
 def describe_callable(fn: Any) -> str:
     """A short human name for a task's function, for error messages."""
+    if type(fn) is Pickled:
+        return fn.__qualname__ or "a child task's function"
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     if name is None:
         return type(fn).__qualname__ + " instance"

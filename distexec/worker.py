@@ -49,9 +49,9 @@ import time
 from collections import deque
 from typing import Any
 
-from . import protocol, serialization
+from . import context, protocol, serialization
 from ._version import __version__
-from .errors import HandshakeError, ProtocolError, TaskPicklingError
+from .errors import HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ EXIT_HANDSHAKE = 3
 EXIT_MANAGER_LOST = 4
 EXIT_INITIALIZER = 5
 EXIT_ABORTED = 6
+
+# The ``ok`` field of a result item: True result, False exception, 2 the task declined.
+RESULT_DECLINED = 2
 
 # Payloads above this travel as separate frame buffers instead of inside the meta pickle, which
 # saves one copy of large results.
@@ -186,6 +189,7 @@ class Worker:
         # thread reads and writes them under run_lock, the main thread under it too.
         self.run_lock = threading.Lock()
         self.current: tuple[int, int] | None = None
+        self.outer: list[tuple[int, int]] = []  # tasks waiting for the child run inline
         self.skip: set[tuple[int, int]] = set()
         self.leaving = False
         self.leave_r, self.leave_w = os.pipe()
@@ -193,6 +197,11 @@ class Worker:
         # Set once heartbeats flow: user code (even the initializer) runs only after that, so
         # that a first task holding the GIL cannot starve the control thread's handshake.
         self.control_ready = threading.Event()
+        self.origin = "joined"
+        self.resources: dict[str, Any] = {}  # what its pool offers (from CONFIG)
+        self.data: dict[str, Any] = {}  # shared data read by tasks, until FORGET
+        self._client: _Client | None = None
+        self._client_lock = threading.Lock()
 
     # -- I/O -----------------------------------------------------------------------------
     def send(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
@@ -282,6 +291,9 @@ class Worker:
         if frame.kind != protocol.CONFIG:
             raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
         config: dict[str, Any] = frame.meta[0]
+        self.origin = str(config.get("origin", self.origin))
+        self.resources = dict(config.get("resources") or {})
+        context._worker = self
         if config.get("sys_path") is not None:
             sys.path[:] = _merge_sys_path(config["sys_path"])
         if config.get("initializer") is not None:
@@ -299,6 +311,9 @@ class Worker:
             frame = self.next_frame()
             if frame.kind == protocol.TASKS:
                 self.run_batch(frame)
+            elif frame.kind == protocol.FORGET:
+                for name in frame.meta[0]:
+                    self.data.pop(name, None)
             elif frame.kind == protocol.SHUTDOWN:
                 reason = frame.meta[0] if frame.meta else ""
                 if reason == "replaced":
@@ -331,13 +346,17 @@ class Worker:
 
     def run_batch(self, frame: protocol.Frame) -> None:
         defs, forget, items = frame.meta
+        self.run_items(defs, forget, items, frame.buffers)
+
+    def run_items(self, defs: list[Any], forget: list[int], items: list[Any],
+                  buffers: list[Any]) -> None:
+        """Run the tasks of one TASKS frame (or of a RUN answer, inline in a waiting task)."""
         for fn_id, data, once in defs:
             self.fns[fn_id] = data
             if once:
                 self.once.add(fn_id)
         for fn_id in forget:
             self.fns.pop(fn_id, None)
-        buffers = frame.buffers
         cursor = 0
         last = len(items) - 1
         for index, (task_id, attempt, fn_id, kind, inline, nbufs) in enumerate(items):
@@ -366,6 +385,9 @@ class Worker:
             if key in self.skip:
                 self.skip.discard(key)  # aborted before it started: the manager expects nothing
                 return
+            outer = self.current  # a parent task waiting for this child (run inline)
+            if outer is not None:
+                self.outer.append(outer)
             self.current = key
         progress = self.progress
         if progress is not None:
@@ -373,9 +395,12 @@ class Worker:
         try:
             self._run_task(task_id, attempt, fn_id, kind, payload, oob)
         finally:
-            self.current = None
+            with self.run_lock:
+                self.current = outer
+                if outer is not None:
+                    self.outer.pop()
             if progress is not None:
-                _PROGRESS.pack_into(progress, 0, 0, 0)
+                _PROGRESS.pack_into(progress, 0, *(outer or (0, 0)))
 
     def _run_task(
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
@@ -400,6 +425,10 @@ class Worker:
                 result = [fn(*a) for a in args]
         except BaseException as exc:
             duration = time.perf_counter() - start
+            if type(exc) is TaskDeclined:
+                self.add_result((task_id, attempt, RESULT_DECLINED, b"", 0, duration,
+                                 serialization.safe_str(exc)), [], 0)
+                return
             if exc.__traceback__ is not None:
                 # Start the remote traceback at the user's function, not at this frame.
                 exc.__traceback__ = exc.__traceback__.tb_next
@@ -421,6 +450,36 @@ class Worker:
             return
         inline, bufs, size = _pack(data, bufs)
         self.add_result((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
+
+    # -- what tasks ask for (distexec.context), on the client connection ---------------------
+    def client(self) -> _Client:
+        """The client connection, opened on first use (any thread running task code)."""
+        with self._client_lock:
+            if self._client is None or self._client.broken is not None:
+                if self.address is None:
+                    raise RuntimeError("this worker cannot reach its task manager again")
+                self._client = _Client(self)
+            return self._client
+
+    def fetch(self, name: str) -> Any:
+        """Shared data ``name``: from this worker's copy, else from the task manager."""
+        try:
+            return self.data[name]
+        except KeyError:
+            pass
+        ok, extra, buffers = self.client().request(protocol.FETCH, (name,)).result()
+        if not ok:
+            raise KeyError(extra)
+        value = serialization.loads(buffers[0], buffers[1:])
+        self.data[name] = value
+        return value
+
+    def run_claimed(self, frame: protocol.Frame) -> None:
+        """Run a child task the manager sent in answer to CLAIM, here and now (main thread,
+        inside the waiting parent), and send its result at once."""
+        _, defs, items = frame.meta
+        self.run_items(defs, [], items, frame.buffers)
+        self.flush()
 
     # -- control channel (distexec-control thread) -----------------------------------------
     def control_loop(self) -> None:
@@ -498,8 +557,9 @@ class Worker:
         """Control thread: stop the task if it runs (the process ends: this never returns);
         else make sure it never starts and return False."""
         with self.run_lock:
-            if self.current != (task_id, attempt):
-                self.skip.add((task_id, attempt))
+            key = (task_id, attempt)
+            if self.current != key and key not in self.outer:
+                self.skip.add(key)
                 return False
         restart = self.restart_argv is not None and not self.leaving
         logger.warning("%s: task %d was aborted by the task manager; %s", self.where(), task_id,
@@ -538,6 +598,83 @@ class Worker:
             (task_id, attempt, False, inline, len(bufs), duration, (type_name, message, text)),
             bufs, size + len(text),
         )
+
+
+class _Client:
+    """A worker's client connection: requests from task code, answered by the task manager.
+
+    Any thread may send a request; the ``distexec-client`` thread reads the answers and
+    completes the request's future (or calls its handler). Requests fail with
+    :class:`ConnectionError` once the connection is gone.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        assert worker.address is not None
+        host, port = worker.address
+        sock = _connect(host, port, CONTROL_SETUP_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info = worker_info(worker.worker_id)
+        info["channel"] = "client"
+        client_handshake(sock, worker.key, info)
+        sock.settimeout(None)
+        self.sock = sock
+        self.worker = worker
+        self.send_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.pending: dict[int, Any] = {}  # request id -> Future, or handler(ok, extra, bufs)
+        self.ids = iter(range(1, 1 << 62))
+        self.broken: BaseException | None = None
+        self.main_thread = threading.main_thread()
+        threading.Thread(target=self._read, name="distexec-client", daemon=True).start()
+
+    def request(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = (),  # type: ignore[assignment]
+                handler: Any = None) -> Any:
+        """Send a request; return a Future for its answer ``(ok, extra, buffers)`` (or the
+        frame, for RUN), or register ``handler`` to be called with the answer instead."""
+        from concurrent.futures import Future
+
+        future: Any = Future() if handler is None else None
+        with self.lock:
+            if self.broken is not None:
+                raise ConnectionError(f"the connection to the task manager is gone: "
+                                      f"{self.broken}")
+            req_id = next(self.ids)
+            self.pending[req_id] = future if handler is None else handler
+        parts = protocol.encode_frame(kind, (req_id, *meta), buffers)
+        with self.send_lock:
+            protocol.send_all_blocking(self.sock, parts)
+        return future if handler is None else req_id
+
+    def _read(self) -> None:
+        decoder = protocol.FrameDecoder()
+        try:
+            while True:
+                n = self.sock.recv_into(decoder.recv_buffer())
+                if n == 0:
+                    raise ConnectionError("the task manager closed the client connection")
+                for frame in decoder.feed(n):
+                    with self.lock:
+                        waiter = self.pending.pop(frame.meta[0], None)
+                    if waiter is None:
+                        continue
+                    if frame.kind == protocol.RUN:
+                        answer: Any = frame
+                    else:
+                        _, ok, extra = frame.meta
+                        answer = (ok, extra, frame.buffers)
+                    if callable(waiter):
+                        waiter(*answer) if isinstance(answer, tuple) else waiter(answer)
+                    else:
+                        waiter.set_result(answer)
+        except BaseException as exc:  # the connection is gone: fail whatever waits
+            with self.lock:
+                self.broken = exc
+                waiting, self.pending = self.pending, {}
+            for waiter in waiting.values():
+                if callable(waiter):
+                    waiter(False, ("ConnectionError", str(exc), ""), [])
+                else:
+                    waiter.set_exception(ConnectionError(str(exc)))
 
 
 def _merge_sys_path(client_path: list[str]) -> list[str]:
@@ -595,6 +732,32 @@ def _read_key(args: argparse.Namespace) -> bytes:
     return key
 
 
+def parse_resources(spec: str) -> dict[str, float | str]:
+    """``"gpu=1,mem=16,zone=a"`` -> ``{"gpu": 1.0, "mem": 16.0, "zone": "a"}`` (ValueError with
+    what is wrong otherwise)."""
+    out: dict[str, float | str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier() or not value:
+            raise ValueError(f"--resources: {part!r} is not NAME=VALUE (e.g. gpu=1,zone=a)")
+        if name == "slots":
+            raise ValueError("--resources: a worker started by hand has one slot; "
+                             "start several workers for more")
+        try:
+            number = float(value)
+        except ValueError:
+            out[name] = value
+        else:
+            if number < 0:
+                raise ValueError(f"--resources: {name}={value} must not be negative")
+            out[name] = number
+    return out
+
+
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     """Connect, retrying refused or unreachable attempts with a backoff until ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -620,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", default=None)
     parser.add_argument("--connect-timeout", type=float, default=30.0,
                         help="keep trying to reach the task manager this long (seconds)")
+    parser.add_argument("--resources", default=None, metavar="SPEC",
+                        help="named resources this worker offers, e.g. gpu=1,mem=16,zone=a")
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     started_by_executor = args.worker_id is not None
@@ -632,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         key = _read_key(args)
         host, port = _parse_address(args.connect)
+        resources = parse_resources(args.resources) if args.resources else None
     except (OSError, ValueError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
@@ -649,7 +815,10 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     protocol.set_keepalive(sock)
     try:
-        welcome = client_handshake(sock, key, worker_info(args.worker_id))
+        info = worker_info(args.worker_id)
+        if resources:
+            info["resources"] = resources
+        welcome = client_handshake(sock, key, info)
     except (HandshakeError, ProtocolError, OSError) as exc:
         logger.error("handshake with the task manager at %s:%d failed: %s", host, port, exc)
         return EXIT_HANDSHAKE

@@ -253,3 +253,137 @@ def occupy_local_and_hand_worker(executor, hand_workers, gate):
     gate.wait_arrivals(2)
     remote = next(w for w in executor.workers() if not w.local)
     return proc, futures, remote
+
+
+# -- issue 5: the task manager's toolbox ------------------------------------------------------
+def count_calls(path: str) -> int:
+    """Record one more call in ``path``; return how many calls came before this one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return os.path.getsize(path) - 1
+
+
+def flaky(path: str, failures: int, exc_type: type = ConnectionError) -> int:
+    """Raise ``exc_type`` on the first ``failures`` calls (counted in ``path``), then return
+    the number of the call."""
+    n = count_calls(path)
+    if n < failures:
+        raise exc_type(f"failure {n + 1}")
+    return n
+
+
+def log_run(path: str, label: object) -> object:
+    """Append ``label`` to the run log ``path``; return it."""
+    with open(path, "a") as fh:
+        fh.write(f"{label}\n")
+    return label
+
+
+def read_log(path: str) -> list[str]:
+    with open(path) as fh:
+        return fh.read().split()
+
+
+def where(_: object = None) -> tuple:
+    import distexec
+
+    w = distexec.current_worker()
+    assert w is not None
+    return (w.worker_id, w.origin, w.resources)
+
+
+def decline_first(path: str) -> tuple:
+    """Decline the first worker it lands on; return (declined worker, worker that ran it)."""
+    import distexec
+
+    me = distexec.current_worker()
+    assert me is not None
+    if not os.path.exists(path):
+        with open(path, "w") as fh:
+            fh.write(str(me.worker_id))
+        distexec.decline(f"worker {me.worker_id} is not good enough")
+    with open(path) as fh:
+        return int(fh.read()), me.worker_id
+
+
+def decline_always(reason: str) -> None:
+    import distexec
+
+    distexec.decline(reason)
+
+
+def recover(exc: BaseException, *args: object) -> tuple:
+    """A fallback: say what failed and with which arguments."""
+    return ("recovered", type(exc).__name__, args)
+
+
+def spin_until_killed(_: object = None) -> None:
+    while True:
+        pass
+
+
+def failing_fallback(exc: BaseException, *args: object) -> None:
+    raise ValueError(f"the fallback failed too (after {type(exc).__name__})")
+
+
+def read_shared(name: str) -> object:
+    import distexec
+
+    return distexec.retrieve(name)
+
+
+def shared_identity(table: object, i: int) -> tuple:
+    """(worker pid, id of the table object, one item): the same id on one worker means the
+    table came once, not with every task."""
+    return (os.getpid(), id(table), table[i])  # type: ignore[index]
+
+
+def fib(n: int) -> int:
+    """Naive Fibonacci where every call above 1 is two child tasks: many nested waits."""
+    if n < 2:
+        return n
+    import distexec
+
+    ex = distexec.get_executor()
+    a, b = ex.submit(fib, n - 1), ex.submit(fib, n - 2)
+    return a.result() + b.result()
+
+
+def children_map(n: int) -> list:
+    import distexec
+
+    return list(distexec.get_executor().options(tag="child").map(square, range(n)))
+
+
+def child_raises(msg: str) -> None:
+    import distexec
+
+    distexec.get_executor().submit(raise_value_error, msg).result()
+
+
+def parent_gated(address: str, marker: str) -> str:
+    """Submit a child that waits at the gate; kill this worker on the first attempt once the
+    child is submitted (the retry waits for the child normally)."""
+    import distexec
+
+    child = distexec.get_executor().submit(wait_gate, address, "child done")
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return child.result()
+
+
+def outside_api() -> tuple:
+    import distexec
+
+    out = []
+    for call in (lambda: distexec.retrieve("x"), distexec.get_executor):
+        try:
+            call()
+        except RuntimeError as exc:
+            out.append(str(exc))
+    return tuple(out)

@@ -47,6 +47,23 @@ EXPECTED: dict[str, list[str]] = {
         r"after the crashes the executor still works: \[2262, 2360\]",
         r"executor shut down cleanly",
     ],
+    "toolbox.py": [
+        r"tags: word counts collected by tag: \[2, 3, 4\]",
+        r"retry_on: <contents of example.org/a>",
+        r"fallback: <cached copy of example.org/b, after ConnectionError>",
+        r"priority: urgent result 2, then 8",
+        r"resources: job 0 ran with gpu=1",
+        r"resources: job 1 ran with gpu=1",
+        r"decline: 40",
+        r"dependencies: total = 14",
+        r"dependencies: DependencyError, caused by ConnectionError",
+        r"store: \[3, 6, 9\]",
+        r"share: \[9, 90000, 9000000\]",
+        r"nested: tree_sum\(0, 64\) = 2016",
+        r"status: tag 'late' \(0, 0, 3, 0, 0\), 2 workers",
+        r"distexec status: exit 0, names the executor",
+        r"executor shut down cleanly",
+    ],
 }
 
 # Per example: how many lines may match a pattern (checks that nothing else failed).

@@ -42,6 +42,7 @@ FORBIDDEN = {
     "errors.py": ["manager", "executor", "protocol", "serialization", "scheduler"],
     "manager.py": ["executor"],
     "launchers/local.py": ["protocol", "manager", "executor", "paramiko"],
+    "monitor.py": ["manager", "executor", "paramiko", "launchers", "scheduler"],
 }
 
 

@@ -128,3 +128,143 @@ def test_cancel_queued_counts():
     make(3, sched)
     out = sched.cancel_queued()
     assert len(out) == 3 and sched.counts()["cancelled"] == 3 and not sched.has_work()
+
+
+# -- issue 5: priorities, placement, declines, the policy -------------------------------------
+from distexec.scheduler import Needs, Policy, Pool  # noqa: E402
+
+
+def task(i, priority=0, needs=None, time_limit=None):
+    return Task(i, Future(), print, (i,), None, time_limit=time_limit, priority=priority,
+                needs=Needs(needs) if needs else None)
+
+
+def pooled_worker(sched, wid, pool):
+    w = sched.add_worker(wid, "h", None, now=0.0, pool=pool)
+    w.transition(WorkerState.CONNECTED)
+    sched.worker_ready(wid)
+    return w
+
+
+def test_policy_takes_highest_priority_then_oldest():
+    sched = Scheduler()
+    for t in [task(1), task(2, priority=3), task(3, priority=-1), task(4, priority=3), task(5)]:
+        sched.add_task(t)
+    w = ready_worker(sched, 1)
+    w.ewma = 1e-6  # short tasks: it takes them all in one pass
+    (_, tasks), = sched.plan(always)
+    assert [t.id for t in tasks] == [2, 4, 1, 5, 3]
+
+
+def test_needs_place_tasks_only_where_the_pool_has_them_free():
+    sched = Scheduler()
+    gpus = Pool("gpu-host", {"gpu": 1, "zone": "a"}, slots=2)
+    plain = Pool("cpu-host", {}, slots=2)
+    w1 = pooled_worker(sched, 1, gpus)
+    pooled_worker(sched, 2, gpus)
+    pooled_worker(sched, 3, plain)
+    for t in [task(1, needs={"gpu": 1}), task(2, needs={"gpu": 1}), task(3),
+              task(4, needs={"zone": "a"})]:
+        sched.add_task(t)
+    plan = {w.id: [t.id for t in ts] for w, ts in sched.plan(always)}
+    # One gpu: task 1 on a gpu worker, task 2 waits. The other gpu-host worker takes the
+    # oldest task that fits it, plain task 3; the cpu-host worker fits neither task 2 (gpu) nor
+    # task 4 (zone=a).
+    assert plan == {1: [1], 2: [3]}
+    assert gpus.used == {"gpu": 1.0}
+    assert [t.id for t in sched.queue] == [2, 4]
+    assert w1.limited == 1
+    # Task 1 ends: the gpu is back, and task 2 can go to the now idle worker 1.
+    sched.result_arrived(1, 1, 1, 0.1, True)
+    assert gpus.used == {"gpu": 0.0}
+    assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(1, [2])]
+    # A lost worker gives its resources back too.
+    sched.worker_lost(1)
+    (t2,) = w1.assigned.values()
+    sched.requeue(t2)
+    assert gpus.used == {"gpu": 0.0}
+
+
+def test_slots_count_the_busy_workers_of_a_pool():
+    sched = Scheduler()
+    pool = Pool("host", {}, slots=3)
+    workers = [pooled_worker(sched, i, pool) for i in (1, 2, 3)]
+    sched.add_task(task(1))
+    sched.add_task(task(2, needs={"slots": 3}))
+    sched.add_task(task(3))
+    plan = {w.id: [t.id for t in ts] for w, ts in sched.plan(always)}
+    # One worker is busy with task 1, so 3 slots are not free: the wide task waits, but it
+    # does not hold back task 3, which needs one slot.
+    assert plan == {1: [1], 2: [3]}
+    assert pool.free_slots() == 1
+    sched.result_arrived(1, 1, 1, 0.1, True)
+    sched.result_arrived(2, 3, 1, 0.1, True)
+    assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(1, [2])]
+    assert pool.free_slots() == 0  # one busy worker + two extra slots
+    sched.add_task(task(4))
+    assert sched.plan(always) == []  # no slot left for a plain task either
+    sched.result_arrived(1, 2, 1, 0.1, True)
+    assert pool.slot_extra == 0 and [t.id for _, ts in sched.plan(always) for t in ts] == [4]
+    del workers
+
+
+def test_a_declined_task_never_returns_to_that_worker():
+    sched = Scheduler()
+    w1 = ready_worker(sched, 1)
+    ready_worker(sched, 2)
+    sched.add_task(task(1))
+    sched.add_task(task(2))
+    plan = {w.id: [t.id for t in ts] for w, ts in sched.plan(always)}
+    assert plan == {1: [1], 2: [2]}
+    t1 = w1.assigned[1]
+    assert sched.decline(t1) is True
+    assert t1.state is TaskState.QUEUED and t1.declined == {1}
+    assert sched.plan(always) == []  # worker 1 is free but declined it; worker 2 is busy
+    sched.result_arrived(2, 2, 1, 0.1, True)
+    assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(2, [1])]
+    assert sched.decline(t1) is False  # now every live worker has declined it
+    sched.fail_task(t1)
+    assert sched.counts()["failed"] == 1
+
+
+def test_blocked_tasks_count_as_waiting_and_can_be_cancelled():
+    sched = Scheduler()
+    t = task(1)
+    sched.add_blocked(t)
+    assert t.state is TaskState.BLOCKED and not sched.queue
+    assert sched.tag_counts() == {None: (1, 0, 0, 0, 0)}
+    assert sched.cancel_queued() == [t]
+    assert sched.tag_counts() == {None: (0, 0, 0, 0, 1)}
+    t2 = task(2)
+    sched.add_blocked(t2)
+    sched.unblock(t2)
+    assert list(sched.queue) == [t2]
+
+
+def test_the_policy_is_replaceable():
+    class Newest(Policy):
+        """Last in, first out (plain tasks only): a policy written in a few lines."""
+
+        def pick(self, scheduler, worker):
+            queue = scheduler.queue
+            for t in reversed(queue.main):
+                if scheduler.fits(t, worker):
+                    return t
+            return None
+
+    sched = Scheduler(Newest())
+    make(3, sched)
+    w = ready_worker(sched, 1)
+    w.ewma = 1e-6
+    (_, tasks), = sched.plan(always)
+    assert [t.id for t in tasks] == [3, 2, 1]
+
+
+def test_retry_puts_the_task_at_the_back_and_counts_it():
+    sched = Scheduler()
+    make(2, sched)
+    ready_worker(sched, 1)
+    (_, (t1,)), = sched.plan(always)
+    sched.retry(t1, 0.1)
+    assert [t.id for t in sched.queue] == [2, 1]
+    assert t1.errors == 1 and t1.retries_used() == 1 and t1.state is TaskState.QUEUED

@@ -416,3 +416,27 @@ def test_no_usable_host_breaks_the_executor_even_with_direct_tcp(own_lab):
         ex.shutdown()
     finally:
         own_lab.allow(h1.name)
+
+
+def where_worker(_: object = None) -> tuple:
+    import distexec
+
+    w = distexec.current_worker()
+    assert w is not None
+    return (w.origin, w.resources)
+
+
+def test_host_settings_are_resources_for_placement(ssh_lab):
+    """A hosts file's key=value settings make the host's pool: tasks that need them run only
+    there, one per unit of the resource at a time."""
+    h1, h2 = names(ssh_lab, 2)
+    with DistributedExecutor(hosts=[f"{h1} slots=2 gpu=1 zone=a", f"{h2} slots=2"],
+                             ssh_config=str(ssh_lab.ssh_config)) as ex:
+        assert ex.wait_for_workers(4, timeout=60) >= 4
+        gpu = ex.options(resources={"gpu": 1})
+        placed = list(gpu.map(where_worker, range(6)))
+        assert placed == [(h1, {"slots": 2.0, "gpu": 1.0, "zone": "a"})] * 6
+        assert ex.options(resources={"zone": "a"}).submit(where_worker).result(
+            timeout=60)[0] == h1
+        # A task needing two slots runs on one host alone.
+        assert ex.options(resources={"slots": 2}).submit(square, 5).result(timeout=60) == 25
