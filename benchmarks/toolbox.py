@@ -25,7 +25,6 @@ The plain ``submit``/``map`` figures against ProcessPoolExecutor are in ``bench.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time

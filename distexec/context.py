@@ -169,7 +169,8 @@ class TaskExecutor(Executor):
         except Exception as exc:
             raise TaskPicklingError(
                 f"the child task {name} could not be pickled: {type(exc).__name__}: "
-                f"{serialization.safe_str(exc)}") from exc
+                f"{serialization.safe_str(exc)}. Pass a module-level function (or one cloudpickle "
+                "can pickle by value) and picklable arguments") from exc
         future = _ChildFuture(self._worker)
         client = self._worker.client()
         future._req_id = client.request(protocol.SUBMIT, (fn_data, name, self._options),
@@ -221,21 +222,25 @@ class _ChildFuture(Future):  # type: ignore[type-arg]
         except InvalidStateError:
             pass  # cancelled here meanwhile
 
-    def _help(self) -> None:
-        if self.done() or self._claimed or threading.current_thread() is not \
-                threading.main_thread():
+    def _help(self, timeout: float | None) -> None:
+        # Only the task's own thread may run a child inline, and only when it is willing to
+        # wait as long as the child takes (no timeout).
+        if (self.done() or self._claimed or timeout is not None
+                or threading.current_thread() is not threading.main_thread()):
             return
         self._claimed = True
         from . import protocol
 
-        answer = self._worker.client().request(protocol.CLAIM, (self._req_id,)).result()
+        current = self._worker.current
+        parent = current[0] if current is not None else None
+        answer = self._worker.client().request(protocol.CLAIM, (self._req_id, parent)).result()
         if getattr(answer, "kind", None) == protocol.RUN:
             self._worker.run_claimed(answer)
 
     def result(self, timeout: float | None = None) -> Any:
-        self._help()
+        self._help(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._help()
+        self._help(timeout)
         return super().exception(timeout)

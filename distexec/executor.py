@@ -515,7 +515,7 @@ class DistributedExecutor(Executor):
 
     def _submit(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any] | None,
                 kind: TaskKind, time_limit: float | None = None,
-                opts: TaskOptions | None = None) -> Future[Any]:
+                opts: TaskOptions | None = None, collect: bool = True) -> Future[Any]:
         future: Future[Any] = Future()
         if opts is None:
             task = Task(next(task_ids), future, fn, args, kwargs, kind, time_limit)
@@ -527,9 +527,15 @@ class DistributedExecutor(Executor):
             if opts.depends_on:
                 task.deps = list(opts.depends_on)
         if kind is TaskKind.CALL:
-            found = _find_futures(args, kwargs)
-            if found is not None:
-                task.deps = found if task.deps is None else task.deps + found
+            for arg in args:  # a cheap first look; _find_futures collects them
+                if isinstance(arg, Future):
+                    break
+            else:
+                arg = None
+            if arg is not None or kwargs:
+                found = _find_futures(args, kwargs)
+                if found is not None:
+                    task.deps = found if task.deps is None else task.deps + found
         future._distexec_task_id = task.id  # type: ignore[attr-defined]  # for abort()
         shared = self._shared
         with shared.lock:
@@ -537,7 +543,9 @@ class DistributedExecutor(Executor):
             manager = self._manager or self._start()
             shared.inbox.append(task)
         manager.wake()
-        if opts is not None and opts.tag is not None:
+        if collect and opts is not None and opts.tag is not None:
+            # Kept for as_completed(tag)/next_result(tag). Not for map(), which hands every
+            # result to its caller itself (keeping them would hold them all in memory).
             self._tag_book(opts.tag).add(future)
         return future
 
@@ -614,7 +622,7 @@ class DistributedExecutor(Executor):
             kind = TaskKind.CALL
 
         def submit_one(ex: DistributedExecutor, item: Any) -> Future[Any]:
-            return ex._submit(fn, item, None, kind, time_limit, opts)
+            return ex._submit(fn, item, None, kind, time_limit, opts, collect=False)
 
         if buffersize is None:
             futures = deque(submit_one(self, item) for item in work)
@@ -827,8 +835,9 @@ class DistributedExecutor(Executor):
 
         Each future is yielded once, across all calls: it is *collected*. The iterator ends
         when every task with that tag submitted so far has been collected; tasks tagged while
-        it runs are included. The executor keeps the futures of tagged tasks until they are
-        collected this way (or the executor is dropped).
+        it runs are included. The executor keeps the futures of tasks submitted with a tag
+        (through ``options(tag=...).submit``; not ``map``, whose iterator returns the results)
+        until they are collected this way, or the executor is dropped.
 
         Args:
             tag: the tag given with ``options(tag=...)``.
@@ -847,6 +856,8 @@ class DistributedExecutor(Executor):
             with cond:
                 while not book.done:
                     if not book.pending:
+                        if self._tags.get(tag) is book:
+                            del self._tags[tag]  # all collected: forget the tag
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:

@@ -33,6 +33,18 @@ replaced, after a backoff when they keep dying with no task finishing in between
 dies before it is ready (during start-up or in the initializer) counts as a failed start;
 ``START_FAILURE_LIMIT`` of those in a row break the executor rather than relaunching forever.
 
+Dependencies: a task whose arguments include futures waits as BLOCKED; each dependency's
+done-callback (whatever thread runs it) posts ``CMD_DEP`` to the inbox, and the manager queues the
+task with the results in place of the futures, or fails it with DependencyError.
+
+Requests from tasks arrive on each worker's *client* connection (see :mod:`distexec.protocol`):
+shared data (FETCH; FORGET goes to the holders when it changes), child tasks (SUBMIT: a Task
+whose function and arguments stay pickled, marked exclusive so that it is only ever queued or
+running; its result is passed on to the parent unpickled), and CLAIM: a parent waiting for a
+child that is still queued gets it sent back (RUN) to run inline, assigned to the parent's worker.
+When a worker is lost, the tasks it ran inline are all charged, and its children that had not
+started are cancelled.
+
 Stopping a task (``abort``, a time limit, ``shutdown(cancel_running=True)``): its future is
 settled first; then a local worker running it is killed, and any other worker is sent ``ABORT``
 on its control connection. Tasks the worker held besides go back to the queue, uncharged.
@@ -67,6 +79,7 @@ from .errors import (
     HandshakeError,
     LostAttempt,
     ProtocolError,
+    RemoteError,
     TaskDeclined,
     TaskPicklingError,
     TaskTimeoutError,
@@ -944,7 +957,7 @@ class Manager:
     def status_report(self) -> dict[str, Any]:
         """The executor's live statistics as plain data (strings, numbers, lists, dicts):
         what ``distexec status`` prints. Tags are given by their ``repr``. Manager thread."""
-        tags = [[None if tag is None else repr(tag), *counts]
+        tags = [[None if tag is None else _safe_repr(tag), *counts]
                 for tag, counts in self._sched.tag_counts().items()]
         tags.sort(key=lambda row: (row[0] is not None, str(row[0])))
         workers = []
@@ -1206,6 +1219,8 @@ class Manager:
         buffers = frame.buffers
         cursor = 0
         sched = self._sched
+        tasks = sched.tasks
+        ASSIGNED = TaskState.ASSIGNED  # noqa: N806 (a local for the loop)
         for task_id, attempt, ok, inline, nbufs, duration, extra in items:
             if inline is None:
                 payload = buffers[cursor]
@@ -1215,8 +1230,9 @@ class Manager:
                 payload = inline
             oob = buffers[cursor:cursor + nbufs]
             cursor += nbufs
-            task = sched.current(worker_id, task_id, attempt)
-            if task is None:
+            task = tasks.get(task_id)  # (inlined Scheduler.current: once per result)
+            if (task is None or task.state is not ASSIGNED or task.attempt != attempt
+                    or task.worker_id != worker_id):
                 logger.info("dropped a stale result for task %d (attempt %d) from worker %d",
                             task_id, attempt, worker_id)
                 continue
@@ -1302,6 +1318,14 @@ class Manager:
                        serialization.describe_callable(task.fn), type(exc).__name__,
                        serialization.safe_str(exc), serialization.describe_callable(fallback))
         exc.__traceback__ = None  # tracebacks do not pickle; the exception keeps its notes
+        try:
+            serialization.dumps(exc)
+        except BaseException as err:  # it must travel to the worker: send a stand-in
+            import traceback
+
+            exc = RemoteError(type(exc).__name__, serialization.safe_str(exc),
+                              "".join(traceback.format_exception_only(type(exc), exc)),
+                              f"it could not be pickled for the fallback: {err!r}")
         task.fn = fallback
         if task.kind is TaskKind.CALL:
             task.args = (exc, *task.args)
@@ -1370,8 +1394,13 @@ class Manager:
             self._store[name] = (next(self._store_versions), payload, oob or [])
         for worker_id in self._store_readers.pop(name, ()):
             slot = self._slots.get(worker_id)
-            if slot is not None and slot.conn is not None and slot.conn in self._conns:
-                self._send_raw(slot.conn, protocol.encode_frame(protocol.FORGET, ([name],)))
+            if slot is None:
+                continue
+            # On both connections: the main one orders it before later tasks; the client one
+            # before a child that the worker is about to run inline (RUN), and at once.
+            for conn in (slot.conn, slot.client):
+                if conn is not None and conn in self._conns:
+                    self._send_raw(conn, protocol.encode_frame(protocol.FORGET, ([name],)))
 
     def _child_submitted(self, conn: _Conn, frame: protocol.Frame) -> None:
         req_id, fn_data, name, options = frame.meta
@@ -1403,7 +1432,8 @@ class Manager:
             self._check_needs(task)
         self._sched.add_task(task)
 
-    def _child_claimed(self, conn: _Conn, claim_id: int, req_id: int) -> None:
+    def _child_claimed(self, conn: _Conn, claim_id: int, req_id: int,
+                       parent_id: int | None = None) -> None:
         """The parent waits for this child: if it is still queued, it runs inside the parent,
         on the parent's worker (so waiting never starves the pool)."""
         assert conn.children is not None
@@ -1416,14 +1446,24 @@ class Manager:
                 or record.blocked or slot.conn is None):
             self._reply(conn, claim_id, False, "not queued")
             return
+        if task.needs is not None and (record.pool is None
+                                       or not record.pool.fits(task.needs, False)):
+            # It needs what this worker's pool cannot lend now: it waits for a worker that can.
+            self._reply(conn, claim_id, False, "its needs do not fit here")
+            return
         self._sched.queue.remove(task)
         if not task.attempt and not self._claim(task):
             self._sched.stop_task(task, TaskState.CANCELLED)
             self._reply(conn, claim_id, False, "cancelled")
             return
         self._sched.assign(task, record)
+        task.parent = parent_id if isinstance(parent_id, int) else None
         logger.debug("child task %d runs inside its parent on worker %d", task.id, record.id)
         self._send_tasks(slot, conn, [task], claim_id=claim_id)
+        if task.time_limit is not None and task.id in record.assigned and (
+                slot.limit is None or slot.limit[0] not in record.assigned):
+            # (A parent's own time limit, if it has one, keeps running and bounds the child.)
+            self._arm_limit(slot, task)
 
     def _child_finished(self, task: Task, ok: Any, payload: Any, oob: list[Any], extra: Any,
                         duration: float) -> None:
@@ -1444,7 +1484,9 @@ class Manager:
             return
         exc: BaseException | None
         if future.cancelled():
-            exc = CancelledError("the child task was cancelled")
+            exc = CancelledError(
+                f"child task {getattr(future, '_distexec_task_id', '?')} was cancelled (aborted, "
+                "or the executor shut down with cancel_futures or cancel_running)")
         else:
             exc = future.exception()
         if exc is None:  # pragma: no cover - results are always passed on
@@ -1473,6 +1515,7 @@ class Manager:
         assert deps is not None
         if task.future.cancelled():
             self._sched.stop_task(task, TaskState.CANCELLED)
+            task.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
             return
         pending = False
         for index, dep in enumerate(deps):
@@ -1579,19 +1622,24 @@ class Manager:
             self._send_tasks(slot, conn, tasks)
             for task in tasks:
                 if task.time_limit is not None and task.state is TaskState.ASSIGNED:
-                    # Such a task has its worker to itself: one deadline per worker suffices,
-                    # and the heap holds ids, not tasks (a finished task's memory is freed).
-                    expires = time.monotonic() + task.time_limit
-                    slot.limit = (task.id, task.attempt, expires)
-                    if not slot.limit_timer:
-                        slot.limit_timer = True
-                        self._at(expires, partial(self._check_limit, slot))
+                    self._arm_limit(slot, task)
             if record.state is WorkerState.DRAINING:
                 # max_tasks_per_child reached: start its successor now to hide the startup time.
                 self._publish()
                 self._ensure_workers()
                 if not record.assigned and not slot.shutdown_sent:
                     self._send_shutdown(slot)
+
+    def _arm_limit(self, slot: _Slot, task: Task) -> None:
+        """Start the clock of a time-limited task just sent to ``slot``'s worker. Such a task
+        has its worker to itself: one deadline per worker suffices, and the heap holds ids,
+        not tasks (a finished task's memory is freed)."""
+        assert task.time_limit is not None
+        expires = time.monotonic() + task.time_limit
+        slot.limit = (task.id, task.attempt, expires)
+        if not slot.limit_timer:
+            slot.limit_timer = True
+            self._at(expires, partial(self._check_limit, slot))
 
     # ---------------------------------------------------------------- stopping tasks
     def abort(self, task_id: int) -> bool:
@@ -1990,6 +2038,8 @@ class Manager:
             slot.zombie = True
             slot.lost_at = time.monotonic()
             self._zombies[slot.worker_id] = slot
+            if slot.client is not None:  # its tasks' requests would go unanswered
+                self._client_closed(slot.client, "the worker was declared lost")
         else:
             for conn in (slot.conn, slot.ctrl, slot.client):
                 if conn is not None:
@@ -2024,8 +2074,30 @@ class Manager:
         if slot.proc is not None:
             slot.proc.close()
         self._sched.forget_worker(slot.worker_id)
+        if self._sched.queue.declined:
+            self._check_declined()
         self._publish()
         self._ensure_workers()
+
+    def _check_declined(self) -> None:
+        """A worker left: fail the queued tasks that every remaining worker has declined."""
+        live = [w.id for w in self._sched.live_workers()]
+        if not live:
+            return  # nobody to run anything: wait for workers, as every task does
+        for task in list(self._sched.queue.declined):
+            declined = task.declined or set()
+            if not all(w in declined for w in live):
+                continue
+            err = TaskDeclined(
+                f"task {task.id} ({serialization.describe_callable(task.fn)}) was declined by "
+                f"every worker still running (workers {', '.join(map(str, sorted(declined)))}). "
+                "Start a worker that can run it, or change what the task accepts")
+            logger.error("task %d failed: every remaining worker declined it", task.id)
+            if task.fallback is not None:
+                self._to_fallback(task, err)  # stays queued, now for any worker
+            else:
+                self._sched.stop_task(task, TaskState.FAILED)
+                _settle(task.future, False, err)
 
     def _worker_lost(self, slot: _Slot, record: WorkerRecord, exitcode: int | None) -> None:
         """Re-queue what a lost worker held; charge the loss to the task it was running."""
@@ -2044,17 +2116,32 @@ class Manager:
         logger.log(logging.INFO if quiet else logging.WARNING, "lost %s: %s%s",
                    record.describe(), what,
                    f"; it was running task {culprit.id}" if culprit is not None else "")
-        poisoned = None
-        if culprit is not None:
-            lost = LostAttempt(culprit.attempt, record.id, record.host, record.pid, exitcode, what)
-            if not self._sched.charge_loss(culprit, lost, self.config.max_retries):
-                poisoned = culprit
+        poisoned: list[Task] = []
+        charged: list[Task] = []
+        task_ids_held = {t.id: t for t in held}
+        running = culprit
+        while running is not None:
+            # The running task, and the parents waiting for it if it ran inline in them: they
+            # all ran on the lost worker (a child that kills its worker must not make its
+            # parent retry for ever).
+            charged.append(running)
+            lost = LostAttempt(running.attempt, record.id, record.host, record.pid, exitcode,
+                               what)
+            if not self._sched.charge_loss(running, lost, self.config.max_retries):
+                poisoned.append(running)
+            running = task_ids_held.get(running.parent) if running.parent is not None else None
         # Everything else goes back to the front of the queue, in its order: tasks that had not
         # started, or had finished with their result still in the worker's outgoing batch.
+        # Children whose parent's connection is gone are cancelled: nobody waits for them.
         for task in reversed(held):
-            if task is not poisoned:
-                self._sched.requeue(task)
-        if culprit is not None and culprit is not poisoned:
+            if task in poisoned:
+                continue
+            if task.client is not None and task.client[0] not in self._conns:
+                self._sched.stop_task(task, TaskState.CANCELLED)
+                force_cancel(task.future)
+                continue
+            self._sched.requeue(task)
+        if culprit is not None and culprit not in poisoned:
             logger.warning("task %d (%s) will run again (its worker was lost %d time(s); "
                            "max_retries=%d)", culprit.id,
                            serialization.describe_callable(culprit.fn), len(culprit.losses or ()),
@@ -2062,8 +2149,8 @@ class Manager:
         if len(held) > (culprit is not None):
             logger.info("re-queued %d task(s) that worker %d held besides the one it ran",
                         len(held) - (culprit is not None), slot.worker_id)
-        if poisoned is not None:
-            self._poisoned(poisoned)
+        for task in poisoned:
+            self._poisoned(task)
         if not slot.stopping and slot.proc is not None and not self._closing:
             # Workers that keep dying (no task finishing in between) are replaced ever slower.
             self._crash_streak += 1
@@ -2159,6 +2246,14 @@ def resources_from_settings(settings: Any) -> dict[str, float | str]:
         except ValueError:
             out[key] = value
     return out
+
+
+def _safe_repr(obj: Any) -> str:
+    """repr() of a user object, never raising (it runs on the manager thread)."""
+    try:
+        return repr(obj)
+    except BaseException as exc:
+        return f"<{type(obj).__name__} whose repr() raised {type(exc).__name__}>"
 
 
 def _child_options(options: Any) -> dict[str, Any]:

@@ -58,6 +58,7 @@ costs one look per class, not one per queued task.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import math
@@ -144,7 +145,8 @@ class Task:
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
                  "time_limit", "max_retries", "losses", "tag", "priority", "needs", "exclusive",
-                 "declined", "retry_on", "fallback", "errors", "deps", "client")
+                 "declined", "retry_on", "fallback", "errors", "deps", "client", "line",
+                 "parent")
 
     def __init__(
         self,
@@ -184,6 +186,8 @@ class Task:
         self.errors = 0  # attempts that raised an exception it is retried on
         self.deps: list[Future[Any]] | None = None  # futures to resolve before it is queued
         self.client: Any = None  # set for a task submitted by another task (see manager)
+        self.line: Any = None  # the TaskQueue line it waits in, while queued
+        self.parent: int | None = None  # run inline: the id of the task waiting for it
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} attempt={self.attempt}>"
@@ -305,15 +309,19 @@ class Pool:
 class TaskQueue:
     """Queued tasks, one FIFO per (priority, needs) class, plus the tasks some worker declined.
 
-    The common case, every task with priority 0 and no needs, uses only ``main``.
+    The common case, every task with priority 0 and no needs, uses only ``main``. A task
+    records the line it waits in (``Task.line``), so taking it out never depends on options
+    that may change while it waits (a failed task turned into its fallback, say).
     """
 
-    __slots__ = ("main", "classes", "declined", "_len")
+    __slots__ = ("main", "classes", "order", "declined", "_len")
 
     def __init__(self) -> None:
         self.main: deque[Task] = deque()
-        # (-priority, needs key) -> FIFO; main is also registered here under (0, None).
-        self.classes: dict[tuple[int, Any], deque[Task]] = {(0, None): self.main}
+        # Class key -> FIFO, and the keys sorted: highest priority first, tasks without needs
+        # before tasks with needs. A class is dropped when it empties (except main).
+        self.classes: dict[tuple[Any, ...], deque[Task]] = {_MAIN_KEY: self.main}
+        self.order: list[tuple[Any, ...]] = [_MAIN_KEY]
         self.declined: list[Task] = []  # scanned in full: a worker must skip what it declined
         self._len = 0
 
@@ -324,68 +332,81 @@ class TaskQueue:
         return self._len > 0
 
     def __iter__(self) -> Iterator[Task]:
-        for fifo in self.classes.values():
-            yield from fifo
+        for key in self.order:
+            yield from self.classes[key]
         yield from self.declined
 
     def simple(self) -> bool:
         """Only plain tasks are queued (the fast path)."""
         return len(self.main) == self._len
 
-    def _fifo(self, task: Task) -> deque[Task]:
+    def _line(self, task: Task) -> deque[Task] | list[Task]:
+        if task.declined:
+            return self.declined
         if task.priority == 0 and task.needs is None:
             return self.main
-        key = (-task.priority, None if task.needs is None else task.needs.key)
+        key = (-task.priority, task.needs is not None,
+               task.needs.key if task.needs is not None else ())
         fifo = self.classes.get(key)
         if fifo is None:
             fifo = self.classes[key] = deque()
-            # Keep the classes sorted by priority (a handful at most): dict order is used.
-            self.classes = dict(sorted(self.classes.items(),
-                                       key=lambda kv: (kv[0][0], kv[0][1] is not None)))
+            bisect.insort(self.order, key)
         return fifo
 
     def append(self, task: Task) -> None:
+        line = task.line = self._line(task)
+        line.append(task)
         self._len += 1
-        if task.declined:
-            self.declined.append(task)
-        else:
-            self._fifo(task).append(task)
 
     def appendleft(self, task: Task) -> None:
-        self._len += 1
-        if task.declined:
+        line = task.line = self._line(task)
+        if line is self.declined:
             self.declined.insert(0, task)
         else:
-            self._fifo(task).appendleft(task)
+            line.appendleft(task)  # type: ignore[union-attr]
+        self._len += 1
 
     def remove(self, task: Task) -> None:
         """Take a task out wherever it is (ValueError if it is not queued)."""
-        if task.declined and task in self.declined:
-            self.declined.remove(task)
-        else:
-            self._fifo(task).remove(task)
-        self._len -= 1
+        line = task.line
+        if line is None:
+            raise ValueError(f"task {task.id} is not queued")
+        line.remove(task)
+        self._taken(task, line)
 
     def take(self, task: Task) -> None:
-        """Take out a task that :meth:`Policy.pick` returned (the head of its FIFO, or a
-        declined one)."""
-        if task.declined:
-            self.declined.remove(task)
+        """Take out a task that :meth:`Policy.pick` returned (usually the head of its FIFO)."""
+        line = task.line
+        assert line is not None
+        if line and line[0] is task and line is not self.declined:
+            line.popleft()
         else:
-            fifo = self._fifo(task)
-            if fifo[0] is task:
-                fifo.popleft()
-            else:  # pragma: no cover - a policy that picks from the middle
-                fifo.remove(task)
+            line.remove(task)
+        self._taken(task, line)
+
+    def _taken(self, task: Task, line: deque[Task] | list[Task]) -> None:
+        task.line = None
         self._len -= 1
+        if not line and line is not self.main and line is not self.declined:
+            for key in self.order:
+                if self.classes[key] is line:
+                    del self.classes[key]
+                    self.order.remove(key)
+                    break
 
     def clear(self) -> list[Task]:
         out = list(self)
-        for fifo in self.classes.values():
-            fifo.clear()
+        for task in out:
+            task.line = None
+        self.main.clear()
+        self.classes = {_MAIN_KEY: self.main}
+        self.order = [_MAIN_KEY]
         self.declined.clear()
         self._len = 0
         return out
+
+
+_MAIN_KEY: tuple[Any, ...] = (0, False, ())
 
 
 class Policy:
@@ -397,27 +418,44 @@ class Policy:
     """
 
     def pick(self, scheduler: Scheduler, worker: WorkerRecord) -> Task | None:
-        """Default: the highest priority first, then the oldest, among tasks that fit."""
+        """Default: the highest priority first, then the oldest, among tasks that fit.
+
+        One exception keeps wide tasks from starving: when the best-ranked task that does not
+        fit needs several ``slots`` of this worker's pool, and the pool could run it once
+        enough of its workers are free, this worker takes nothing ranked below it (the slots
+        drain instead of being refilled by smaller tasks).
+        """
         queue = scheduler.queue
         fits = scheduler.fits
         if queue.simple():
             head = queue.main[0]
             return head if fits(head, worker) else None
         best: Task | None = None
-        for (neg_priority, _), fifo in queue.classes.items():
+        reserve: Task | None = None  # a wide task this worker's pool is saving slots for
+        pool = worker.pool
+        for key in queue.order:
+            fifo = queue.classes[key]
             if not fifo:
                 continue
-            if best is not None and -neg_priority < best.priority:
-                break  # classes are sorted by priority: nothing better follows
             head = fifo[0]
-            if (best is None or head.priority > best.priority or head.id < best.id) \
-                    and fits(head, worker):
+            if best is not None and head.priority < best.priority:
+                break  # classes are sorted by priority: nothing better follows
+            if best is not None and not (head.priority > best.priority or head.id < best.id):
+                continue
+            if fits(head, worker):
                 best = head
+            elif (reserve is None and pool is not None and head.needs is not None
+                  and head.needs.amounts.get("slots", 1.0) > 1
+                  and pool.could_ever_fit(head.needs)):
+                reserve = head
         for task in queue.declined:
             if (best is None or task.priority > best.priority
                     or (task.priority == best.priority and task.id < best.id)) \
                     and fits(task, worker):
                 best = task
+        if reserve is not None and (best is None or reserve.priority > best.priority or (
+                reserve.priority == best.priority and reserve.id < best.id)):
+            return None
         return best
 
 
@@ -570,8 +608,14 @@ class Scheduler:
 
     def settle(self, task: Task, duration: float, ok: bool) -> None:
         """Record the result of a task that :meth:`current` returned."""
-        assert task.worker_id is not None
-        self._count_done(task.worker_id, duration)
+        worker = self.workers.get(task.worker_id)  # type: ignore[arg-type]
+        if worker is not None:  # (inlined _count_done: this runs once per task)
+            worker.tasks_done += 1
+            if duration >= 0:
+                worker.ewma = (
+                    duration if worker.ewma is None
+                    else EWMA_ALPHA * duration + (1 - EWMA_ALPHA) * worker.ewma
+                )
         self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
 
     def current(self, worker_id: int, task_id: int, attempt: int) -> Task | None:
@@ -737,6 +781,9 @@ class Scheduler:
         if not ready:
             return []
         pick = self.policy.pick
+        # The default policy on a queue of plain tasks is "the head, if it fits": inlined.
+        default = type(self.policy) is Policy
+        main = queue.main
         batches: dict[int, list[Task]] = {}
         windows = {w.id: w.window for w in ready}
         while queue and ready:
@@ -744,10 +791,21 @@ class Scheduler:
             for worker in ready:
                 task = None
                 while queue:
-                    candidate = pick(self, worker)
-                    if candidate is None:
-                        break
-                    queue.take(candidate)
+                    if default and queue._len == len(main):
+                        candidate = main[0]
+                        if (candidate.exclusive and worker.assigned) or (
+                                worker.pool is not None and worker.pool.slot_extra
+                                and not worker.assigned and worker.pool.free_slots() < 1):
+                            break
+                        main.popleft()
+                        candidate.line = None
+                        queue._len -= 1
+                    else:
+                        picked = pick(self, worker)
+                        if picked is None:
+                            break
+                        candidate = picked
+                        queue.take(candidate)
                     if candidate.attempt or claim(candidate):
                         task = candidate
                         break

@@ -19,6 +19,12 @@ Threads:
     ``ABORT`` commands, and sends ``LEAVE`` when the worker is asked to leave (SIGTERM, or
     Ctrl-C for a worker started by hand). When the control connection closes, the task manager
     is gone and the worker exits at once, even in the middle of a task.
+  * ``distexec-client`` and ``distexec-client-results`` (only once a task reads shared data or
+    submits child tasks, see :mod:`distexec.context`): the first reads the task manager's
+    answers on the *client* connection and wakes the requests waiting for them; the second
+    completes child tasks' futures (unpickling their results and running their callbacks), so
+    that user code there cannot block the reader. A parent waiting for a child that is still
+    queued gets it sent here (RUN) and runs it inline, on the main thread, inside the wait.
   * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
     when the process that started the worker dies, even by SIGKILL; the worker then exits.
 
@@ -39,6 +45,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import queue
 import select
 import signal
 import socket
@@ -200,6 +207,10 @@ class Worker:
         self.origin = "joined"
         self.resources: dict[str, Any] = {}  # what its pool offers (from CONFIG)
         self.data: dict[str, Any] = {}  # shared data read by tasks, until FORGET
+        # FORGETs seen per name: a copy fetched while one arrived may be stale, so it is used
+        # once and not kept (fetch() compares before and after).
+        self.forgotten: dict[str, int] = {}
+        self.data_lock = threading.Lock()
         self._client: _Client | None = None
         self._client_lock = threading.Lock()
 
@@ -312,8 +323,7 @@ class Worker:
             if frame.kind == protocol.TASKS:
                 self.run_batch(frame)
             elif frame.kind == protocol.FORGET:
-                for name in frame.meta[0]:
-                    self.data.pop(name, None)
+                self.forget(frame.meta[0])
             elif frame.kind == protocol.SHUTDOWN:
                 reason = frame.meta[0] if frame.meta else ""
                 if reason == "replaced":
@@ -395,12 +405,16 @@ class Worker:
         try:
             self._run_task(task_id, attempt, fn_id, kind, payload, oob)
         finally:
-            with self.run_lock:
-                self.current = outer
-                if outer is not None:
+            if outer is None:
+                self.current = None
+                if progress is not None:
+                    _PROGRESS.pack_into(progress, 0, 0, 0)
+            else:  # back to the parent that ran this child inline
+                with self.run_lock:
+                    self.current = outer
                     self.outer.pop()
-            if progress is not None:
-                _PROGRESS.pack_into(progress, 0, *(outer or (0, 0)))
+                if progress is not None:
+                    _PROGRESS.pack_into(progress, 0, *outer)
 
     def _run_task(
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
@@ -457,22 +471,33 @@ class Worker:
         with self._client_lock:
             if self._client is None or self._client.broken is not None:
                 if self.address is None:
-                    raise RuntimeError("this worker cannot reach its task manager again")
+                    raise RuntimeError("this worker does not know its task manager's address, "
+                                       "so its tasks cannot read shared data or submit tasks")
                 self._client = _Client(self)
             return self._client
 
     def fetch(self, name: str) -> Any:
         """Shared data ``name``: from this worker's copy, else from the task manager."""
-        try:
-            return self.data[name]
-        except KeyError:
-            pass
+        with self.data_lock:
+            try:
+                return self.data[name]
+            except KeyError:
+                epoch = self.forgotten.get(name, 0)
         ok, extra, buffers = self.client().request(protocol.FETCH, (name,)).result()
         if not ok:
             raise KeyError(extra)
         value = serialization.loads(buffers[0], buffers[1:])
-        self.data[name] = value
+        with self.data_lock:
+            if self.forgotten.get(name, 0) == epoch:
+                self.data[name] = value
         return value
+
+    def forget(self, names: list[str]) -> None:
+        """FORGET (main or client connection): drop the copies of shared data that changed."""
+        with self.data_lock:
+            for name in names:
+                self.data.pop(name, None)
+                self.forgotten[name] = self.forgotten.get(name, 0) + 1
 
     def run_claimed(self, frame: protocol.Frame) -> None:
         """Run a child task the manager sent in answer to CLAIM, here and now (main thread,
@@ -624,8 +649,13 @@ class _Client:
         self.pending: dict[int, Any] = {}  # request id -> Future, or handler(ok, extra, bufs)
         self.ids = iter(range(1, 1 << 62))
         self.broken: BaseException | None = None
-        self.main_thread = threading.main_thread()
+        # Child results are unpickled, and their futures completed (running the callbacks),
+        # on a thread of their own: user code there may itself wait for an answer that only
+        # the reader thread can deliver.
+        self.answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         threading.Thread(target=self._read, name="distexec-client", daemon=True).start()
+        threading.Thread(target=self._complete, name="distexec-client-results",
+                         daemon=True).start()
 
     def request(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = (),  # type: ignore[assignment]
                 handler: Any = None) -> Any:
@@ -653,6 +683,9 @@ class _Client:
                 if n == 0:
                     raise ConnectionError("the task manager closed the client connection")
                 for frame in decoder.feed(n):
+                    if frame.kind == protocol.FORGET:
+                        self.worker.forget(frame.meta[0])
+                        continue
                     with self.lock:
                         waiter = self.pending.pop(frame.meta[0], None)
                     if waiter is None:
@@ -663,18 +696,33 @@ class _Client:
                         _, ok, extra = frame.meta
                         answer = (ok, extra, frame.buffers)
                     if callable(waiter):
-                        waiter(*answer) if isinstance(answer, tuple) else waiter(answer)
+                        self.answers.put((waiter, answer))
                     else:
                         waiter.set_result(answer)
         except BaseException as exc:  # the connection is gone: fail whatever waits
             with self.lock:
                 self.broken = exc
                 waiting, self.pending = self.pending, {}
+            message = (f"the connection to the task manager was lost ({exc}), so the answer "
+                       "cannot arrive (the executor stopped, or this worker was replaced)")
             for waiter in waiting.values():
                 if callable(waiter):
-                    waiter(False, ("ConnectionError", str(exc), ""), [])
+                    self.answers.put((waiter, (False, ("ConnectionError", message, ""), [])))
                 else:
-                    waiter.set_exception(ConnectionError(str(exc)))
+                    waiter.set_exception(ConnectionError(message))
+            self.answers.put(None)
+
+    def _complete(self) -> None:
+        """distexec-client-results thread: hand child tasks' answers to their futures."""
+        while True:
+            item = self.answers.get()
+            if item is None:
+                return
+            waiter, answer = item
+            try:
+                waiter(*answer)
+            except BaseException:  # a callback's error must not stop the others
+                logger.exception("error while completing a child task's future")
 
 
 def _merge_sys_path(client_path: list[str]) -> list[str]:

@@ -59,7 +59,7 @@ def load(n):
 
 
 def total(values, weights):
-    return sum(v * w for v, w in zip(values, weights))
+    return sum(v * w for v, w in zip(values, weights, strict=True))
 
 
 def lookup(table, key):

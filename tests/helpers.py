@@ -387,3 +387,21 @@ def outside_api() -> tuple:
         except RuntimeError as exc:
             out.append(str(exc))
     return tuple(out)
+
+
+def decline_then_raise(path: str) -> None:
+    """Decline the first worker; raise on the next one."""
+    import distexec
+
+    if not os.path.exists(path):
+        with open(path, "w"):
+            pass
+        distexec.decline("first worker")
+    raise ValueError("failed on the second worker")
+
+
+def parent_of_poison(code: int) -> None:
+    """Submit a child that kills its worker, and wait for it (runs inline with one worker)."""
+    import distexec
+
+    distexec.get_executor().submit(exit_now, code).result()

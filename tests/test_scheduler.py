@@ -172,7 +172,7 @@ def test_needs_place_tasks_only_where_the_pool_has_them_free():
     # task 4 (zone=a).
     assert plan == {1: [1], 2: [3]}
     assert gpus.used == {"gpu": 1.0}
-    assert [t.id for t in sched.queue] == [2, 4]
+    assert sorted(t.id for t in sched.queue) == [2, 4]
     assert w1.limited == 1
     # Task 1 ends: the gpu is back, and task 2 can go to the now idle worker 1.
     sched.result_arrived(1, 1, 1, 0.1, True)
@@ -185,27 +185,38 @@ def test_needs_place_tasks_only_where_the_pool_has_them_free():
     assert gpus.used == {"gpu": 0.0}
 
 
-def test_slots_count_the_busy_workers_of_a_pool():
+def test_slots_count_the_busy_workers_of_a_pool_and_wide_tasks_do_not_starve():
     sched = Scheduler()
     pool = Pool("host", {}, slots=3)
-    workers = [pooled_worker(sched, i, pool) for i in (1, 2, 3)]
+    for i in (1, 2, 3):
+        pooled_worker(sched, i, pool)
     sched.add_task(task(1))
     sched.add_task(task(2, needs={"slots": 3}))
     sched.add_task(task(3))
-    plan = {w.id: [t.id for t in ts] for w, ts in sched.plan(always)}
-    # One worker is busy with task 1, so 3 slots are not free: the wide task waits, but it
-    # does not hold back task 3, which needs one slot.
-    assert plan == {1: [1], 2: [3]}
-    assert pool.free_slots() == 1
+    # Worker 1 takes task 1. The wide task cannot run while a worker is busy, and the others
+    # keep their slots free for it rather than taking task 3, ranked below it.
+    assert {w.id: [t.id for t in ts] for w, ts in sched.plan(always)} == {1: [1]}
+    assert pool.free_slots() == 2
     sched.result_arrived(1, 1, 1, 0.1, True)
-    sched.result_arrived(2, 3, 1, 0.1, True)
-    assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(1, [2])]
-    assert pool.free_slots() == 0  # one busy worker + two extra slots
+    (worker, (wide,)), = sched.plan(always)
+    assert wide.id == 2 and pool.free_slots() == 0  # one busy worker + two extra slots
     sched.add_task(task(4))
-    assert sched.plan(always) == []  # no slot left for a plain task either
-    sched.result_arrived(1, 2, 1, 0.1, True)
-    assert pool.slot_extra == 0 and [t.id for _, ts in sched.plan(always) for t in ts] == [4]
-    del workers
+    assert sched.plan(always) == []  # no slot left for a plain task
+    sched.result_arrived(worker.id, 2, 1, 0.1, True)
+    assert pool.slot_extra == 0
+    assert sorted(t.id for _, ts in sched.plan(always) for t in ts) == [3, 4]
+
+
+def test_empty_priority_classes_are_dropped():
+    sched = Scheduler()
+    for i in range(1, 101):
+        sched.add_task(task(i, priority=i))
+    assert len(sched.queue.order) == 101
+    w = ready_worker(sched, 1)
+    w.ewma = 1e-6
+    (_, tasks), = sched.plan(always)
+    assert [t.id for t in tasks][:3] == [100, 99, 98]
+    assert sched.queue.order == [(0, False, ())] and not sched.queue
 
 
 def test_a_declined_task_never_returns_to_that_worker():

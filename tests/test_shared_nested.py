@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 import distexec
-from distexec import DistributedExecutor, TaskCounts, TaskPicklingError
+from distexec import DistributedExecutor, TaskCounts, TaskPicklingError, WorkerLostError
 
 from helpers import (
     Gate,
@@ -18,6 +18,7 @@ from helpers import (
     fib,
     outside_api,
     parent_gated,
+    parent_of_poison,
     read_shared,
     shared_identity,
     square,
@@ -139,3 +140,14 @@ def test_waiting_for_a_child_running_elsewhere(tmp_path):
         gate.open()
         assert future.result(timeout=30) == "from elsewhere"
         assert square(2) == 4
+
+
+def test_a_child_that_kills_its_worker_fails_its_parent_after_max_retries():
+    """With one worker the child runs inside its parent; each crash is charged to both, so the
+    parent does not resubmit fresh children for ever."""
+    with DistributedExecutor(max_workers=1, max_retries=1) as ex:
+        with pytest.raises(WorkerLostError, match="lost, 2 time"):
+            ex.submit(parent_of_poison, 7).result(timeout=60)
+        assert ex.submit(square, 4).result(timeout=30) == 16
+        total = ex.status().total
+        assert total.waiting == 0 and total.running == 0

@@ -26,6 +26,7 @@ from helpers import (
     add,
     decline_always,
     decline_first,
+    decline_then_raise,
     exit_now,
     failing_fallback,
     flaky,
@@ -153,17 +154,22 @@ def test_tasks_needing_a_resource_share_it():
         assert w[1] == "local" and w[2] == {"gpu": 1.0, "slots": 2.0}
 
 
-def test_a_task_needing_several_slots_waits_for_them():
+def test_a_task_needing_several_slots_waits_for_them_and_is_not_overtaken():
     with DistributedExecutor(max_workers=2) as ex, Gate() as gate:
+        ex.wait_for_workers(2, timeout=60)
         busy = ex.submit(wait_gate, gate.address, "plain")
         gate.wait_arrivals(1)
         wide = ex.options(resources={"slots": 2}, tag="wide").submit(square, 3)
-        other = ex.submit(square, 2)  # fits the second worker: one slot
-        assert other.result(timeout=30) == 4
-        assert ex.status().tags["wide"] == TaskCounts(waiting=1)
+        later = ex.options(tag="later").submit(square, 2)
+        # The idle worker keeps its slot for the wide task rather than taking the later one.
+        ex.status()  # (answered in the turn that files both tasks, before dispatch)
+        status = ex.status()
+        assert status.tags["wide"] == TaskCounts(waiting=1)
+        assert status.tags["later"] == TaskCounts(waiting=1)
         gate.open()
         assert busy.result(timeout=30) == "plain"
         assert wide.result(timeout=30) == 9
+        assert later.result(timeout=30) == 4
 
 
 def test_unmet_needs_wait_for_a_worker_that_offers_them(hand_workers, caplog):
@@ -308,3 +314,23 @@ def test_results_are_collected_per_tag_in_completion_order():
             ex.next_result("bad", timeout=30)
         assert failing.done()
         assert held.result() == "last"
+
+
+def test_a_declined_task_can_still_fall_back(tmp_path):
+    with DistributedExecutor(max_workers=2) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        future = ex.options(fallback=recover).submit(decline_then_raise, str(tmp_path / "d"))
+        assert future.result(timeout=30) == ("recovered", "ValueError", (str(tmp_path / "d"),))
+        assert ex.submit(square, 3).result(timeout=30) == 9
+
+
+def test_cancelling_a_task_waiting_for_dependencies_wakes_wait():
+    with DistributedExecutor(max_workers=1) as ex, Gate() as gate:
+        slow = ex.submit(wait_gate, gate.address, 1)
+        dependent = ex.submit(square, slow)
+        gate.wait_arrivals(1)
+        assert dependent.cancel()
+        gate.open()
+        done, _ = cf.wait([dependent], timeout=30)
+        assert dependent in done and dependent.cancelled()
+        assert ex.status().total.cancelled == 1
