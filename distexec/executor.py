@@ -522,8 +522,10 @@ class DistributedExecutor(Executor):
         else:
             task = Task(next(task_ids), future, fn, args, kwargs, kind, opts.time_limit,
                         opts.max_retries, opts.tag, opts.priority, opts._needs)
-            task.retry_on = opts.retry_on
-            task.fallback = opts.fallback
+            if opts.retry_on is not None:
+                task.retry_on = opts.retry_on
+            if opts.fallback is not None:
+                task.fallback = opts.fallback
             if opts.depends_on:
                 task.deps = list(opts.depends_on)
         if kind is TaskKind.CALL:

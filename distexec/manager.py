@@ -460,11 +460,13 @@ class Manager:
                 if self._terminating:
                     item.future.cancel()
                     continue
-                if item.deps is not None:
-                    self._add_with_deps(item)
-                    continue
-                if item.needs is not None:
-                    self._check_needs(item)
+                x = item.x
+                if x is not None:
+                    if x.deps is not None:
+                        self._add_with_deps(item)
+                        continue
+                    if x.needs is not None:
+                        self._check_needs(item)
                 sched.add_task(item)
             else:
                 self._command(item)
@@ -1237,7 +1239,7 @@ class Manager:
                             task_id, attempt, worker_id)
                 continue
             self._crash_streak = 0
-            if task.client is not None and ok != RESULT_DECLINED:
+            if task.x is not None and task.x.client is not None and ok != RESULT_DECLINED:
                 self._child_finished(task, ok, payload, oob, extra, duration)
                 continue
             if ok is True:
@@ -1621,7 +1623,9 @@ class Manager:
             assert conn is not None
             self._send_tasks(slot, conn, tasks)
             for task in tasks:
-                if task.time_limit is not None and task.state is TaskState.ASSIGNED:
+                x = task.x
+                if x is not None and x.time_limit is not None \
+                        and task.state is TaskState.ASSIGNED:
                     self._arm_limit(slot, task)
             if record.state is WorkerState.DRAINING:
                 # max_tasks_per_child reached: start its successor now to hide the startup time.

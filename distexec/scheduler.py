@@ -140,13 +140,59 @@ class InvalidTransition(RuntimeError):
     """A state change the diagrams above do not allow: a bug in distexec."""
 
 
+class _Extras:
+    """The options and history of a task that has any (most tasks have none: a plain task
+    keeps one empty slot for all of them, which keeps the memory of a queued task small)."""
+
+    __slots__ = ("time_limit", "max_retries", "losses", "priority", "needs", "exclusive",
+                 "declined", "retry_on", "fallback", "errors", "deps", "client", "parent")
+
+    def __init__(self) -> None:
+        self.time_limit: float | None = None  # seconds, or None
+        self.max_retries: int | None = None  # None: the executor's default
+        self.losses: list[LostAttempt] | None = None
+        self.priority = 0  # higher runs first
+        self.needs: Needs | None = None  # resources it needs from its worker's pool
+        # Sent only to a worker that holds nothing else, which then gets nothing more until it
+        # is done: time limits and resources count from the moment it is sent.
+        self.exclusive = False
+        self.declined: set[int] | None = None  # workers that declined it
+        self.retry_on: tuple[type[BaseException], ...] | None = None  # re-run on these
+        self.fallback: Callable[..., Any] | None = None  # runs once every attempt failed
+        self.errors = 0  # attempts that raised an exception it is retried on
+        self.deps: list[Future[Any]] | None = None  # futures to resolve before it is queued
+        self.client: Any = None  # (connection, request id) of a task submitted by a task
+        self.parent: int | None = None  # run inline: the id of the task waiting for it
+
+
+def _extra(name: str, doc: str) -> property:
+    """A Task attribute kept in its _Extras (read: the default when there are none)."""
+    default = getattr(_Extras(), name)
+
+    def get(task: Task) -> Any:
+        x = task.x
+        return default if x is None else getattr(x, name)
+
+    def set_(task: Task, value: Any) -> None:
+        x = task.x
+        if x is None:
+            if value is default or value == default and type(value) is type(default):
+                return
+            x = task.x = _Extras()
+        setattr(x, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class Task:
-    """One unit of work. Created in the caller's thread, owned by the manager thread after that."""
+    """One unit of work. Created in the caller's thread, owned by the manager thread after that.
+
+    The options and history most tasks do not have live in ``x`` (None for a plain task); the
+    properties below read and write them. Hot paths test ``task.x is None`` first.
+    """
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
-                 "time_limit", "max_retries", "losses", "tag", "priority", "needs", "exclusive",
-                 "declined", "retry_on", "fallback", "errors", "deps", "client", "line",
-                 "parent")
+                 "tag", "line", "x")
 
     def __init__(
         self,
@@ -171,23 +217,30 @@ class Task:
         self.state = TaskState.QUEUED
         self.attempt = 0
         self.worker_id: int | None = None
-        self.time_limit = time_limit  # seconds, or None
-        self.max_retries = max_retries  # None: the executor's default
-        self.losses: list[LostAttempt] | None = None
         self.tag = tag  # any hashable; status counts are kept per tag
-        self.priority = priority  # higher runs first
-        self.needs = needs  # resources it needs from its worker's pool, or None
-        # Sent only to a worker that holds nothing else, which then gets nothing more until it
-        # is done: time limits and resources count from the moment it is sent.
-        self.exclusive = time_limit is not None or needs is not None
-        self.declined: set[int] | None = None  # workers that declined it
-        self.retry_on: tuple[type[BaseException], ...] | None = None  # re-run on these
-        self.fallback: Callable[..., Any] | None = None  # runs once every attempt failed
-        self.errors = 0  # attempts that raised an exception it is retried on
-        self.deps: list[Future[Any]] | None = None  # futures to resolve before it is queued
-        self.client: Any = None  # set for a task submitted by another task (see manager)
         self.line: Any = None  # the TaskQueue line it waits in, while queued
-        self.parent: int | None = None  # run inline: the id of the task waiting for it
+        self.x: _Extras | None = None
+        if time_limit is not None or max_retries is not None or priority or needs is not None:
+            x = self.x = _Extras()
+            x.time_limit = time_limit
+            x.max_retries = max_retries
+            x.priority = priority
+            x.needs = needs
+            x.exclusive = time_limit is not None or needs is not None
+
+    time_limit = _extra("time_limit", "Seconds it may run, or None.")
+    max_retries = _extra("max_retries", "Re-runs allowed; None: the executor's default.")
+    losses = _extra("losses", "The attempts that ended with their worker lost.")
+    priority = _extra("priority", "Higher runs first.")
+    needs = _extra("needs", "What it needs from its worker's pool, or None.")
+    exclusive = _extra("exclusive", "Sent only to a worker holding nothing else.")
+    declined = _extra("declined", "The workers that declined it.")
+    retry_on = _extra("retry_on", "Exception types after which it runs again.")
+    fallback = _extra("fallback", "Called once every attempt failed.")
+    errors = _extra("errors", "Attempts that raised an exception it is retried on.")
+    deps = _extra("deps", "Futures to resolve before it is queued.")
+    client = _extra("client", "(connection, request id) of a child task.")
+    parent = _extra("parent", "Run inline: the id of the task waiting for it.")
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} attempt={self.attempt}>"
@@ -202,12 +255,17 @@ class Task:
         self.fn = None  # type: ignore[assignment]
         self.args = None
         self.kwargs = None
-        self.fallback = None
-        self.deps = None
+        x = self.x
+        if x is not None:
+            x.fallback = None
+            x.deps = None
 
     def retries_used(self) -> int:
         """Re-runs so far: for lost workers and for exceptions it is retried on."""
-        return self.errors + (len(self.losses) if self.losses else 0)
+        x = self.x
+        if x is None:
+            return 0
+        return x.errors + (len(x.losses) if x.losses else 0)
 
 
 class Needs:
@@ -309,9 +367,9 @@ class Pool:
 class TaskQueue:
     """Queued tasks, one FIFO per (priority, needs) class, plus the tasks some worker declined.
 
-    The common case, every task with priority 0 and no needs, uses only ``main``. A task
-    records the line it waits in (``Task.line``), so taking it out never depends on options
-    that may change while it waits (a failed task turned into its fallback, say).
+    The common case, every task with priority 0 and no needs, uses only ``main``. A task in
+    another line records it (``Task.line``; None means ``main``), so taking it out never
+    depends on options that may change while it waits (a failed task turned into its fallback).
     """
 
     __slots__ = ("main", "classes", "order", "declined", "_len")
@@ -341,12 +399,12 @@ class TaskQueue:
         return len(self.main) == self._len
 
     def _line(self, task: Task) -> deque[Task] | list[Task]:
-        if task.declined:
-            return self.declined
-        if task.priority == 0 and task.needs is None:
+        x = task.x
+        if x is None or (x.priority == 0 and x.needs is None and not x.declined):
             return self.main
-        key = (-task.priority, task.needs is not None,
-               task.needs.key if task.needs is not None else ())
+        if x.declined:
+            return self.declined
+        key = (-x.priority, x.needs is not None, x.needs.key if x.needs is not None else ())
         fifo = self.classes.get(key)
         if fifo is None:
             fifo = self.classes[key] = deque()
@@ -354,30 +412,35 @@ class TaskQueue:
         return fifo
 
     def append(self, task: Task) -> None:
-        line = task.line = self._line(task)
-        line.append(task)
         self._len += 1
+        if task.x is None:
+            self.main.append(task)
+            return
+        line = self._line(task)
+        task.line = None if line is self.main else line
+        line.append(task)
 
     def appendleft(self, task: Task) -> None:
-        line = task.line = self._line(task)
+        self._len += 1
+        if task.x is None:
+            self.main.appendleft(task)
+            return
+        line = self._line(task)
+        task.line = None if line is self.main else line
         if line is self.declined:
             self.declined.insert(0, task)
         else:
             line.appendleft(task)  # type: ignore[union-attr]
-        self._len += 1
 
     def remove(self, task: Task) -> None:
         """Take a task out wherever it is (ValueError if it is not queued)."""
-        line = task.line
-        if line is None:
-            raise ValueError(f"task {task.id} is not queued")
+        line = task.line if task.line is not None else self.main
         line.remove(task)
         self._taken(task, line)
 
     def take(self, task: Task) -> None:
         """Take out a task that :meth:`Policy.pick` returned (usually the head of its FIFO)."""
-        line = task.line
-        assert line is not None
+        line = task.line if task.line is not None else self.main
         if line and line[0] is task and line is not self.declined:
             line.popleft()
         else:
@@ -570,10 +633,11 @@ class Scheduler:
     def _unassign(self, task: Task) -> None:
         worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
         if worker is not None and worker.assigned.pop(task.id, None) is not None:
-            if task.exclusive:
+            x = task.x
+            if x is not None and x.exclusive:
                 worker.limited -= 1
-                if task.needs is not None and worker.pool is not None:
-                    worker.pool.give_back(task.needs)
+                if x.needs is not None and worker.pool is not None:
+                    worker.pool.give_back(x.needs)
             if worker.state is WorkerState.BUSY and not worker.assigned:
                 worker.transition(WorkerState.IDLE)
 
@@ -671,13 +735,15 @@ class Scheduler:
     def fits(self, task: Task, worker: WorkerRecord) -> bool:
         """Can ``worker`` take ``task`` now? (Exclusive tasks need a worker holding nothing;
         needs must fit its pool; a worker that declined the task never gets it again.)"""
-        if task.exclusive and worker.assigned:
-            return False
-        if task.declined and worker.id in task.declined:
-            return False
         pool = worker.pool
-        if task.needs is not None:
-            return pool is not None and pool.fits(task.needs, not worker.assigned)
+        x = task.x
+        if x is not None:
+            if x.exclusive and worker.assigned:
+                return False
+            if x.declined and worker.id in x.declined:
+                return False
+            if x.needs is not None:
+                return pool is not None and pool.fits(x.needs, not worker.assigned)
         if pool is not None and pool.slot_extra and not worker.assigned:
             return pool.free_slots() >= 1
         return True
@@ -760,10 +826,11 @@ class Scheduler:
         worker.tasks_sent += 1
         if worker.state is WorkerState.IDLE:
             worker.transition(WorkerState.BUSY)
-        if task.exclusive:
+        x = task.x
+        if x is not None and x.exclusive:
             worker.limited += 1  # nothing more for this worker while it runs
-            if task.needs is not None and worker.pool is not None:
-                worker.pool.take(task.needs)
+            if x.needs is not None and worker.pool is not None:
+                worker.pool.take(x.needs)
 
     def plan(self, claim: Callable[[Task], bool]) -> list[tuple[WorkerRecord, list[Task]]]:
         """Assign queued tasks to workers with room, round-robin, one task per worker per pass.
@@ -786,19 +853,20 @@ class Scheduler:
         main = queue.main
         batches: dict[int, list[Task]] = {}
         windows = {w.id: w.window for w in ready}
-        while queue and ready:
+        # (queue._len rather than bool(queue): this loop runs once per dispatched task)
+        while queue._len and ready:
             still: list[WorkerRecord] = []
             for worker in ready:
                 task = None
-                while queue:
+                while queue._len:
                     if default and queue._len == len(main):
                         candidate = main[0]
-                        if (candidate.exclusive and worker.assigned) or (
+                        if (candidate.x is not None and candidate.x.exclusive
+                                and worker.assigned) or (
                                 worker.pool is not None and worker.pool.slot_extra
                                 and not worker.assigned and worker.pool.free_slots() < 1):
                             break
                         main.popleft()
-                        candidate.line = None
                         queue._len -= 1
                     else:
                         picked = pick(self, worker)
@@ -812,7 +880,16 @@ class Scheduler:
                     self._finish(candidate, TaskState.CANCELLED)
                 if task is None:
                     continue
-                self.assign(task, worker)
+                if task.x is None:  # (assign(), inlined for plain tasks)
+                    task.transition(TaskState.ASSIGNED)
+                    task.attempt += 1
+                    task.worker_id = worker.id
+                    worker.assigned[task.id] = task
+                    worker.tasks_sent += 1
+                    if worker.state is WorkerState.IDLE:
+                        worker.transition(WorkerState.BUSY)
+                else:
+                    self.assign(task, worker)
                 batches.setdefault(worker.id, []).append(task)
                 if worker.max_tasks is not None and worker.tasks_sent >= worker.max_tasks:
                     worker.transition(WorkerState.DRAINING)
