@@ -433,7 +433,7 @@ class DistributedExecutor(Executor):
         self._shared = SharedState()
         self._manager: Manager | None = None
         # Futures of tagged tasks not collected yet (as_completed(tag), next_result(tag)).
-        self._tag_cond = threading.Condition(threading.Lock())
+        self._tag_lock = threading.Lock()
         self._tags: dict[Any, _TagBook] = {}
 
     # ------------------------------------------------------------------ properties
@@ -826,11 +826,11 @@ class DistributedExecutor(Executor):
             raise TimeoutError(f"{len(pending)} future(s) still pending after {timeout:g} s")
 
     def _tag_book(self, tag: Any) -> _TagBook:
-        with self._tag_cond:
-            book = self._tags.get(tag)
-            if book is None:
-                book = self._tags[tag] = _TagBook(self._tag_cond)
-            return book
+        book = self._tags.get(tag)
+        if book is None:
+            with self._tag_lock:
+                book = self._tags.setdefault(tag, _TagBook())
+        return book
 
     def as_completed(self, tag: Any, timeout: float | None = None) -> Iterator[Future[Any]]:
         """Yield the futures of the tasks tagged ``tag`` as they finish (finished ones first).
@@ -853,20 +853,23 @@ class DistributedExecutor(Executor):
         if book is None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._tag_cond
+        cond = book.cond
         while True:
             with cond:
-                while not book.done:
-                    if not book.pending:
-                        if self._tags.get(tag) is book:
-                            del self._tags[tag]  # all collected: forget the tag
-                        return
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"{book.pending} task(s) tagged {tag!r} still "
-                                           f"pending after {timeout:g} s")
-                    cond.wait(remaining)
-                future = book.done.popleft()
+                book.waiters += 1
+                try:
+                    while not book.done:
+                        if not book.pending():
+                            return
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise TimeoutError(f"{book.pending()} task(s) tagged {tag!r} still "
+                                               f"pending after {timeout:g} s")
+                        cond.wait(remaining)
+                    future = book.done.popleft()
+                    book.collected += 1
+                finally:
+                    book.waiters -= 1
             yield future
             del future  # the caller may drop the result
 
@@ -1009,27 +1012,39 @@ class DistributedExecutor(Executor):
 
 
 class _TagBook:
-    """The futures of one tag that were not collected yet: pending ones are counted, finished
-    ones wait in order of completion. Guarded by the executor's ``_tag_cond``."""
+    """The futures of one tag that were not collected yet.
 
-    __slots__ = ("cond", "pending", "done")
+    Finished futures wait in ``done`` in order of completion; the done-callback only appends
+    there (atomic) and takes the lock only when a collector waits, so the task manager thread,
+    which completes most futures, never contends with submitting threads. Counts:
+    ``added`` (by submitting threads, under ``add_lock``), ``collected`` (by collectors, under
+    ``cond``); the pending ones are ``added - collected - len(done)``.
+    """
 
-    def __init__(self, cond: threading.Condition) -> None:
-        self.cond = cond
-        self.pending = 0
+    __slots__ = ("cond", "add_lock", "added", "collected", "waiters", "done")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.add_lock = threading.Lock()
+        self.added = 0
+        self.collected = 0
+        self.waiters = 0
         self.done: deque[Future[Any]] = deque()
 
     def add(self, future: Future[Any]) -> None:
-        with self.cond:
-            self.pending += 1
+        with self.add_lock:
+            self.added += 1
         future.add_done_callback(self._finished)
+
+    def pending(self) -> int:
+        return self.added - self.collected - len(self.done)
 
     def _finished(self, future: Future[Any]) -> None:
         # Runs in whichever thread completed the future (usually the task manager's).
-        with self.cond:
-            self.pending -= 1
-            self.done.append(future)
-            self.cond.notify_all()
+        self.done.append(future)
+        if self.waiters:  # a collector counts itself in before it looks at done
+            with self.cond:
+                self.cond.notify_all()
 
 
 def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
