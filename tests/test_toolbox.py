@@ -23,6 +23,7 @@ from distexec import (
 
 from helpers import (
     Gate,
+    LogWatch,
     add,
     decline_always,
     decline_first,
@@ -334,3 +335,27 @@ def test_cancelling_a_task_waiting_for_dependencies_wakes_wait():
         done, _ = cf.wait([dependent], timeout=30)
         assert dependent in done and dependent.cancelled()
         assert ex.status().total.cancelled == 1
+
+
+def test_a_declined_task_fails_when_the_last_worker_that_could_take_it_leaves(hand_workers):
+    """Worker B declines the task while worker A is busy; when A leaves, B is all that is
+    left and has declined it: the task fails instead of waiting for ever."""
+    import signal
+
+    with LogWatch() as log, DistributedExecutor(max_workers=0, listen="127.0.0.1:0") as ex, \
+            Gate() as gate:
+        ex.start()
+        hand_workers(ex, 2)
+        ex.wait_for_workers(2, timeout=60)
+        busy = ex.submit(wait_gate, gate.address, "done")
+        gate.wait_arrivals(1)
+        declined = ex.submit(decline_always, "not on this one")
+        log.wait_for("goes back to the queue")
+        (a,) = [w for w in ex.workers() if w.running == busy._distexec_task_id]
+        os.kill(a.pid, signal.SIGTERM)  # A leaves after the task it runs
+        log.wait_for("asked to leave")
+        gate.open()
+        assert busy.result(timeout=30) == "done"
+        with pytest.raises(TaskDeclined, match="declined by every worker still running"):
+            declined.result(timeout=30)
+        assert log.matching("every remaining worker declined it")
