@@ -1406,7 +1406,7 @@ class Manager:
 
     def _child_submitted(self, conn: _Conn, frame: protocol.Frame) -> None:
         req_id, fn_data, name, options = frame.meta
-        buffers = [bytes(b) for b in frame.buffers]  # the receive buffer is reused
+        buffers = frame.buffers  # each its own bytearray (FrameDecoder): kept as they are
         try:
             opts = _child_options(options)
         except (TypeError, ValueError) as exc:
@@ -1475,7 +1475,7 @@ class Manager:
         future = task.future
         future._distexec_forwarded = True  # type: ignore[attr-defined]
         _settle(future, True, None)
-        self._reply(conn, req_id, bool(ok), extra, [bytes(payload), *(bytes(b) for b in oob)])
+        self._reply(conn, req_id, bool(ok), extra, [payload, *oob])
 
     def _child_done(self, conn: _Conn, req_id: int, future: Future[Any]) -> None:
         """Done-callback of a child's future: tell the parent how it ended, unless its result

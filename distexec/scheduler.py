@@ -323,19 +323,18 @@ class Pool:
         busy = sum(1 for w in self.workers if w.assigned and w.state in _LIVE_OR_DRAINING)
         return self.amounts.get("slots", math.inf) - busy - self.slot_extra
 
+    def _labels_match(self, needs: Needs) -> bool:
+        return all(self.labels.get(name) == value for name, value in needs.labels.items())
+
     def could_ever_fit(self, needs: Needs) -> bool:
         """True if an idle pool could run a task with these needs."""
-        for name, value in needs.labels.items():
-            if self.labels.get(name) != value:
-                return False
-        return all(self.amounts.get(name, 0.0) >= amount
+        return self._labels_match(needs) and all(self.amounts.get(name, 0.0) >= amount
                    for name, amount in needs.amounts.items())
 
     def fits(self, needs: Needs, idle_worker: bool) -> bool:
         """True if the pool has what ``needs`` asks for, free now."""
-        for name, value in needs.labels.items():
-            if self.labels.get(name) != value:
-                return False
+        if not self._labels_match(needs):
+            return False
         for name, amount in needs.amounts.items():
             if name == "slots":
                 # The worker taking the task counts as one busy slot already if it holds
@@ -672,14 +671,8 @@ class Scheduler:
 
     def settle(self, task: Task, duration: float, ok: bool) -> None:
         """Record the result of a task that :meth:`current` returned."""
-        worker = self.workers.get(task.worker_id)  # type: ignore[arg-type]
-        if worker is not None:  # (inlined _count_done: this runs once per task)
-            worker.tasks_done += 1
-            if duration >= 0:
-                worker.ewma = (
-                    duration if worker.ewma is None
-                    else EWMA_ALPHA * duration + (1 - EWMA_ALPHA) * worker.ewma
-                )
+        assert task.worker_id is not None
+        self._count_done(task.worker_id, duration)
         self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
 
     def current(self, worker_id: int, task_id: int, attempt: int) -> Task | None:
