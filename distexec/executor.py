@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import signal
 import socket
 import threading
 import time
@@ -379,15 +380,23 @@ class DistributedExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        init_blob = None
+        inheritance = None
+        main_versions = serialization.MainVersions()
         if initializer is not None:
+            from .mpobjects import local_only_initargs_error, pickle_initializer
+
             try:
-                init_blob = serialization.dumps_inband((initializer, tuple(initargs)))
+                inheritance = pickle_initializer(initializer, tuple(initargs), main_versions)
             except Exception as exc:
                 raise TaskPicklingError(
                     f"the initializer {serialization.describe_callable(initializer)} or its "
                     f"initargs could not be pickled: {exc}"
                 ) from exc
+            if inheritance.local_only and (host_specs or listen is not None):
+                inheritance.close()
+                raise TaskPicklingError(local_only_initargs_error(
+                    inheritance.local_only,
+                    "SSH hosts" if host_specs else "workers started by hand (listen=...)"))
         if worker_start_timeout <= 0:
             raise ValueError("worker_start_timeout must be positive")
         retries = _check_max_retries(max_retries)
@@ -413,7 +422,9 @@ class DistributedExecutor(Executor):
         self._max_workers = max_workers
         self._config = ManagerConfig(
             max_workers=max_workers,
-            initializer=init_blob,
+            initializer=inheritance.data if inheritance is not None else None,
+            inheritance=inheritance,
+            main_versions=main_versions,
             max_tasks_per_child=max_tasks_per_child,
             python=python,
             worker_start_timeout=worker_start_timeout,
@@ -985,6 +996,33 @@ class DistributedExecutor(Executor):
             manager.post((CMD_SHUTDOWN, cancel_futures))
         if wait:
             manager.join()
+
+    def terminate_workers(self) -> None:
+        """Stop every worker now with SIGTERM, and shut the executor down without waiting.
+
+        Python 3.14's ``ProcessPoolExecutor.terminate_workers()``, on every supported Python.
+        Futures not started are cancelled, and so are the running ones (their workers stop
+        mid-task; nothing is retried). Local workers get SIGTERM and lose their connections
+        to the task manager, so they exit at once rather than finish their task and leave
+        (SIGTERM from outside means "leave gracefully"); workers on SSH hosts are killed there;
+        workers started by hand are disconnected, which makes them exit. Afterwards ``submit``
+        raises RuntimeError. Harmless if no worker was ever started, or if the executor is
+        broken or shut down already. ``shutdown()`` (or the end of the ``with`` block) then
+        waits for the workers to be gone.
+        """
+        self._force_stop(signal.SIGTERM, "terminate_workers()")
+
+    def kill_workers(self) -> None:
+        """As :meth:`terminate_workers`, with SIGKILL for the local workers (Python 3.14's
+        ``ProcessPoolExecutor.kill_workers()``)."""
+        self._force_stop(signal.SIGKILL, "kill_workers()")
+
+    def _force_stop(self, sig: int, reason: str) -> None:
+        with self._shared.lock:
+            self._shared.shutdown = True
+            manager = self._manager
+        if manager is not None:
+            manager.post((CMD_TERMINATE, reason, sig))
 
     def _terminate(self, reason: str) -> None:
         """Stop now: cancel every future, running ones included, and kill every worker."""

@@ -57,6 +57,7 @@ import itertools
 import logging
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -169,6 +170,10 @@ class ManagerConfig:
     ssh: SSHOptions | None = None
     name: str | None = None  # registered for `distexec status NAME`
     resources: dict[str, float | str] | None = None  # what the local workers' pool offers
+    # Descriptors local workers inherit for the initargs (distexec.mpobjects.Inheritance).
+    inheritance: Any = None
+    # Versions of the __main__ globals that functions carry (serialization.MainVersions).
+    main_versions: Any = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -178,9 +183,17 @@ class ManagerConfig:
         return max(0.05, self.heartbeat_timeout / 5)
 
 
+# In every pickle that holds a multiprocessing object (see distexec.mpobjects).
+_MP_MARKER = b"multiprocessing"
+
+
+class _CannotTravel(Exception):
+    """A task's function or arguments hold objects its worker cannot use (the message says)."""
+
+
 # Commands callers post to the inbox (anything that is not a Task).
 CMD_SHUTDOWN = "shutdown"  # (CMD_SHUTDOWN, cancel_futures)
-CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason)
+CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason[, signal for local workers])
 CMD_ABORT = "abort"  # (CMD_ABORT, task_id, reply future -> bool)
 CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
 CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
@@ -341,7 +354,9 @@ class Manager:
         self._seq = itertools.count()
         self._worker_ids = itertools.count(1)
         self._fn_cache = serialization.FunctionCache()
-        self._launcher = LocalLauncher(config.python)
+        self._launcher = LocalLauncher(
+            config.python,
+            pass_fds=config.inheritance.fds if config.inheritance is not None else ())
         self._closing = False  # shutdown requested: finish the work, then stop
         self._terminating = False  # stop now
         self._start_failures = 0
@@ -479,7 +494,7 @@ class Manager:
                 for task in self._sched.cancel_queued():
                     _cancel(task)
         elif name == CMD_TERMINATE:
-            self._terminate(command[1])
+            self._terminate(command[1], *command[2:])
         elif name == CMD_ABORT:
             _settle(command[2], True, self.abort(command[1]))
         elif name == CMD_RESIZE:
@@ -1808,7 +1823,7 @@ class Manager:
             return fn_id
         cached = self._fn_cache.lookup(fn)
         if cached is None:
-            data = serialization.dumps_inband(fn)
+            data = serialization.dumps_inband(fn, self.config.main_versions)
             fn_id = self._fn_cache.add(fn, data)
             cacheable = self._fn_cache.lookup(fn) is not None
         else:
@@ -1818,6 +1833,8 @@ class Manager:
         if fn_id in known:
             known.move_to_end(fn_id)
             return fn_id
+        if _MP_MARKER in data and type(slot.proc) is not LocalProcess:
+            self._check_remote(data, fn, slot)
         defs.append((fn_id, data, not cacheable))
         if cacheable:
             known[fn_id] = None
@@ -1848,6 +1865,12 @@ class Manager:
             except BaseException as exc:
                 self._unpicklable(task, "its arguments", exc)
                 continue
+            if _MP_MARKER in payload and type(slot.proc) is not LocalProcess:
+                try:
+                    self._check_remote(payload, (task.args, task.kwargs), slot)
+                except _CannotTravel as exc:
+                    self._unpicklable(task, "its arguments", exc)
+                    continue
             if len(payload) > INLINE_LIMIT:
                 items.append((task.id, task.attempt, fn_id, int(task.kind), None, len(oob) + 1))
                 buffers.append(payload)
@@ -1868,12 +1891,33 @@ class Manager:
             meta = (defs, forget, items)
             self._send_raw(conn, protocol.encode_frame(protocol.TASKS, meta, buffers))
 
+    def _check_remote(self, data: Any, obj: Any, slot: _Slot) -> None:
+        """Raise _CannotTravel if ``obj`` (pickled as ``data``, which mentions
+        multiprocessing) holds objects a worker not started here cannot use."""
+        from .mpobjects import check_for_remote
+
+        record = self._sched.workers.get(slot.worker_id)
+        where = record.describe() if record is not None else f"worker {slot.worker_id}"
+        reason = check_for_remote(data, obj, where)
+        if reason is not None:
+            raise _CannotTravel(reason)
+
     def _unpicklable(self, task: Task, what: str, exc: BaseException) -> None:
         name = serialization.describe_callable(task.fn)
+        if type(exc) is _CannotTravel:
+            err = TaskPicklingError(f"task {task.id} ({name}) could not be sent: {what}: {exc}")
+            logger.debug("task %d: %s cannot go to that worker", task.id, what)
+            self._sched.fail_task(task)
+            _settle(task.future, False, err)
+            return
         hint = ("Define the function at module level, or register its module with "
                 "cloudpickle.register_pickle_by_value()" if what == "its function" else
                 "Pass picklable arguments (plain data, arrays, module-level objects), or open "
                 "resources such as files and connections inside the task instead")
+        if "through inheritance" in serialization.safe_str(exc) or "fork" in type(exc).__name__:
+            from .mpobjects import explain_pickling_error
+
+            hint = explain_pickling_error(exc) or hint
         err = TaskPicklingError(
             f"task {task.id} ({name}) could not be sent: {what} could not be pickled: "
             f"{type(exc).__name__}: {serialization.safe_str(exc)}. {hint}")
@@ -1913,8 +1957,10 @@ class Manager:
                 else:
                     self._finalize(slot)
 
-    def _terminate(self, reason: str) -> None:
-        """Stop now: cancel everything, kill every worker."""
+    def _terminate(self, reason: str, sig: int = signal.SIGKILL) -> None:
+        """Stop now: cancel everything, stop every worker: local ones by ``sig`` (SIGTERM:
+        their connections are closed too, so they exit at once rather than leave gracefully),
+        remote ones by SIGKILL on their host, hand-started ones by disconnecting them."""
         if self._terminating:
             return
         self._terminating = True
@@ -1929,7 +1975,15 @@ class Manager:
                     force_cancel(task.future)
         for slot in list(self._slots.values()):
             slot.shutdown_sent = True
-            if slot.proc is not None:
+            if slot.proc is not None and sig != signal.SIGKILL and \
+                    type(slot.proc) is LocalProcess:
+                slot.proc.signal(sig)
+                # Without its connections it exits at once, even mid-task (its control thread
+                # sees the end of the connection); its exit is awaited as usual.
+                for conn in (slot.conn, slot.ctrl, slot.client):
+                    if conn is not None and conn in self._conns:
+                        self._close(conn)
+            elif slot.proc is not None:
                 slot.proc.kill()
             else:
                 # A worker started by hand: closing its connections makes it exit at once

@@ -13,6 +13,12 @@ Pickling strategy
   notebook therefore work everywhere.
 * Functions are pickled once per executor and cached (see :class:`FunctionCache`), not once per
   task: ``map`` over a million items pickles its function once.
+* Code objects pickled by value keep their file name. cloudpickle 3.1.3 and newer replace
+  ``co_filename`` with ``"<dynamic-code>"`` (so that pickles are deterministic); a remote frame of
+  a function defined in ``__main__`` or a notebook cell would then name no file and show no
+  source line. Our pickler (:class:`_Pickler`) wraps cloudpickle's code reducer and puts the real
+  name back when the code object is rebuilt, so the traceback re-raised here points at the
+  script or the notebook cell, whose source lines this process has.
 
 Exceptions
 ----------
@@ -31,7 +37,7 @@ import logging
 import pickle
 import traceback
 import types
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +53,90 @@ _MAIN_MARKER = b"__main__"
 Payload = tuple[bytes, list[memoryview]]
 
 
+def _rebuild_code(make: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
+    """Unpickling side of :func:`_reduce_code`: cloudpickle's rebuild, with the real file name."""
+    code: types.CodeType = make(*args)
+    return code.replace(co_filename=filename)
+
+
+def _cloudpickle_code_reducer() -> Any:
+    """cloudpickle's reducer for code objects, or None if it keeps ``co_filename`` itself."""
+    reduce = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+    if reduce is None:
+        return None
+    probe = compile("0", "<distexec-probe>", "eval")
+    return None if "<distexec-probe>" in reduce(probe)[1] else reduce
+
+
+_CODE_REDUCE = _cloudpickle_code_reducer()
+
+
+def _reduce_code(code: types.CodeType) -> Any:
+    """Reduce a code object as cloudpickle does, but keep its file name (see the module doc)."""
+    make, args = _CODE_REDUCE(code)
+    return _rebuild_code, (make, args, code.co_filename)
+
+
+# Key added to the globals pickled with a function from __main__: {name: version} (see
+# MainVersions); no Python identifier can clash with it.
+_VERSIONS_KEY = "distexec versions"
+
+
+class MainVersions:
+    """Caller side, one per executor: a version number for each global of ``__main__`` that a
+    function pickled by value carries, new whenever the caller has rebound the name since.
+
+    A worker keeps its own value of a global whose version it already has (the initializer may
+    have filled the dict or set the placeholder the caller still holds); see
+    :class:`MainNamespace`. Holds the objects it has seen, to tell them apart by identity.
+    Used by one thread at a time (the constructor, then the manager thread).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Any, int]] = {}
+        self._next = 1
+
+    def version(self, name: str, value: Any) -> int:
+        entry = self._seen.get(name)
+        if entry is None or entry[0] is not value:
+            entry = self._seen[name] = (value, self._next)
+            self._next += 1
+        return entry[1]
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, with code objects that keep their file name, and versions for the
+    ``__main__`` globals of functions when :attr:`main_versions` is set."""
+
+    # A ChainMap (as cloudpickle's own table) so that later copyreg registrations still count.
+    dispatch_table = (ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+                      if _CODE_REDUCE is not None else cloudpickle.Pickler.dispatch_table)
+    main_versions: MainVersions | None = None
+
+    def _dynamic_function_reduce(self, func: Any) -> Any:
+        reduced = super()._dynamic_function_reduce(func)
+        versions = self.main_versions
+        if versions is not None and func.__globals__.get("__name__") == "__main__":
+            try:
+                f_globals = reduced[2][1]["__globals__"]
+            except (IndexError, KeyError, TypeError):  # another cloudpickle layout: no versions
+                return reduced
+            if f_globals:
+                f_globals[_VERSIONS_KEY] = {k: versions.version(k, v) for k, v in f_globals.items()}
+        return reduced
+
+
+def cloud_dumps(obj: Any, buffer_callback: Any = None,
+                main_versions: MainVersions | None = None) -> bytes:
+    """``cloudpickle.dumps(obj)`` with protocol 5 and file names kept (see :class:`_Pickler`)."""
+    with io.BytesIO() as file:
+        pickler = _Pickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        if main_versions is not None:
+            pickler.main_versions = main_versions
+        pickler.dump(obj)
+        return file.getvalue()
+
+
 def _by_value_modules_registered() -> bool:
     # cloudpickle keeps the registry in a private module attribute; if that ever moves we simply
     # always take the cloudpickle path, which is correct, only slower.
@@ -54,7 +144,7 @@ def _by_value_modules_registered() -> bool:
     return registry is None or bool(registry)
 
 
-def dumps(obj: Any) -> Payload:
+def dumps(obj: Any, main_versions: MainVersions | None = None) -> Payload:
     """Pickle ``obj``; return the pickle and its out-of-band buffers (as byte views)."""
     buffers: list[pickle.PickleBuffer] = []
     if not _by_value_modules_registered():
@@ -66,21 +156,96 @@ def dumps(obj: Any) -> Payload:
             if _MAIN_MARKER not in fast:
                 return fast, [b.raw() for b in buffers]
         buffers.clear()
-    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    data = cloud_dumps(obj, buffers.append, main_versions)
     return data, [b.raw() for b in buffers]
 
 
-def dumps_inband(obj: Any) -> bytes:
-    """Pickle ``obj`` into one byte string (used for functions and small control data)."""
-    data, buffers = dumps(obj)
+def dumps_inband(obj: Any, main_versions: MainVersions | None = None) -> bytes:
+    """Pickle ``obj`` into one byte string (used for functions and small control data); with
+    ``main_versions``, the ``__main__`` globals it carries are versioned (see
+    :class:`MainNamespace`)."""
+    data, buffers = dumps(obj, main_versions)
     if buffers:
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL)
+        data = cloud_dumps(obj, None, main_versions)
     return data
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:
     """Inverse of :func:`dumps`."""
     return pickle.loads(data, buffers=buffers)
+
+
+# ---------------------------------------------------------------------------- __main__
+_MISSING = object()
+
+
+class MainNamespace:
+    """Worker side: one namespace for every function pickled by value from the caller's
+    ``__main__`` (a script or a notebook), as that module would be in a worker of
+    ProcessPoolExecutor.
+
+    cloudpickle rebuilds each pickled function with a globals dict of its own, so a global that
+    the initializer sets (``global queue; queue = q``) or fills (``STATE["db"] = ...``) would be
+    invisible to the tasks. Here all of them share :attr:`ns`, and a global arriving with a
+    function replaces the worker's value of that name only if the caller has rebound the name
+    since the worker got it (a new version, see :class:`MainVersions`): a notebook cell that
+    set ``N = 20`` reaches the workers, while the caller's placeholder (``queue = None``, an
+    empty ``STATE``) does not undo what the initializer or a task did to it. Without versions
+    (a child task's function, pickled by its parent), a name that code on the worker rebound is
+    kept. Main thread of the worker only.
+    """
+
+    def __init__(self) -> None:
+        self.ns: dict[str, Any] = {"__name__": "__main__"}
+        self._installed: dict[str, Any] = {}  # name -> the object a pickle put there
+        self._versions: dict[str, int] = {}  # name -> the caller's version of that object
+
+    def make_function(self, code: Any, globals_: dict[str, Any], name: str, argdefs: Any,
+                      closure: Any) -> Any:
+        if globals_.get("__name__") == "__main__":
+            for key, value in globals_.items():
+                self.ns.setdefault(key, value)
+            globals_ = self.ns
+        return cloudpickle.cloudpickle._make_function(code, globals_, name, argdefs, closure)
+
+    def function_setstate(self, obj: Any, state: Any) -> Any:
+        if obj.__globals__ is self.ns:
+            incoming = state[1].get("__globals__") or {}
+            versions = incoming.pop(_VERSIONS_KEY, None)
+            ns, installed, have = self.ns, self._installed, self._versions
+            for key in list(incoming):
+                current = ns.get(key, _MISSING)
+                if versions is not None and key in versions:
+                    if current is not _MISSING and have.get(key) == versions[key]:
+                        del incoming[key]  # the object the worker has, perhaps changed here
+                        continue
+                    have[key] = versions[key]
+                elif current is not _MISSING and installed.get(key, _MISSING) is not current:
+                    del incoming[key]  # rebound by code that ran here: keep it
+                    continue
+                installed[key] = incoming[key]
+        return cloudpickle.cloudpickle._function_setstate(obj, state)
+
+
+class _MainUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, main: MainNamespace, buffers: Any) -> None:
+        super().__init__(file, buffers=buffers)
+        self._main = main
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "cloudpickle.cloudpickle":
+            if name == "_make_function":
+                return self._main.make_function
+            if name == "_function_setstate":
+                return self._main.function_setstate
+        return super().find_class(module, name)
+
+
+def loads_into(main: MainNamespace, data: Any, buffers: Any = ()) -> Any:
+    """:func:`loads`, with functions from the caller's ``__main__`` sharing ``main``'s globals."""
+    if _MAIN_MARKER not in data:
+        return pickle.loads(data, buffers=buffers)
+    return _MainUnpickler(io.BytesIO(data), main, buffers).load()
 
 
 class Pickled:
@@ -145,12 +310,11 @@ def describe_callable(fn: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- exceptions
-class _ExceptionPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle with tblib's reducers for tracebacks and the given exception types only."""
+class _ExceptionPickler(_Pickler):
+    """Our pickler with tblib's reducers for tracebacks and the given exception types only."""
 
     def __init__(self, file: Any, table: dict[type, Any]) -> None:
-        merged = dict(cloudpickle.Pickler.dispatch_table)
-        merged.update(table)
+        merged = ChainMap(table, _Pickler.dispatch_table)
         # The C pickler reads dispatch_table once, in __init__: set it first.
         self.dispatch_table = merged
         super().__init__(file, protocol=PROTOCOL)

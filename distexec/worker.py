@@ -190,6 +190,8 @@ class Worker:
         self.flusher_armed = False
         self.closing = False
         self.fns: dict[int, Any] = {}  # fn_id -> callable, or bytes until first use
+        # Globals of the functions the caller pickled by value from its __main__.
+        self.main = serialization.MainNamespace()
         self.once: set[int] = set()  # fn_ids to forget after their task ran
         self.outbox = _Outbox()
         # The running task and the ones the manager aborted before they started; the control
@@ -309,7 +311,8 @@ class Worker:
             sys.path[:] = _merge_sys_path(config["sys_path"])
         if config.get("initializer") is not None:
             try:
-                initializer, initargs = serialization.loads(config["initializer"])
+                initializer, initargs = serialization.loads_into(self.main,
+                                                                 config["initializer"])
                 initializer(*initargs)
             except BaseException as exc:
                 note = f"[distexec] raised by the initializer on {self.where()}"
@@ -423,8 +426,8 @@ class Worker:
         try:
             fn = self.fns[fn_id]
             if isinstance(fn, bytes):
-                fn = self.fns[fn_id] = serialization.loads(fn)
-            args = serialization.loads(payload, oob)
+                fn = self.fns[fn_id] = serialization.loads_into(self.main, fn)
+            args = serialization.loads_into(self.main, payload, oob)
         except BaseException as exc:
             self.report_error(task_id, attempt, exc, -1.0,
                               f"[distexec] raised while unpickling task {task_id}'s function or "
@@ -780,6 +783,14 @@ def _read_key(args: argparse.Namespace) -> bytes:
     return key
 
 
+def _adopt_mp_authkey(line: bytes) -> None:
+    """Take the caller's multiprocessing authkey as ours, as a multiprocessing child inherits
+    it, so that proxies of the caller's managers are admitted by their servers."""
+    from multiprocessing import current_process
+
+    current_process().authkey = bytes.fromhex(line.decode())
+
+
 def parse_resources(spec: str) -> dict[str, float | str]:
     """``"gpu=1,mem=16,zone=a"`` -> ``{"gpu": 1.0, "mem": 16.0, "zone": "a"}`` (ValueError with
     what is wrong otherwise)."""
@@ -834,16 +845,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", default=None, metavar="SPEC",
                         help="named resources this worker offers, e.g. gpu=1,mem=16,zone=a")
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Local workers only: the caller's multiprocessing authkey, as the line after the key.
+    parser.add_argument("--mp-authkey-stdin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     started_by_executor = args.worker_id is not None
-    logging.basicConfig(level=logging.WARNING if started_by_executor else logging.INFO,
-                        format="distexec worker: %(message)s")
+    # Our messages only: the root logger stays as it is in a fresh interpreter, so that what
+    # tasks log goes where their own configuration (an initializer's handler) sends it.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("distexec worker: %(message)s"))
+    package_logger = logging.getLogger("distexec")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.WARNING if started_by_executor else logging.INFO)
+    package_logger.propagate = False
     if started_by_executor:
         # Ctrl-C in a terminal reaches the whole process group; it is meant for the user's
         # program, whose executor decides what happens to running tasks.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         key = _read_key(args)
+        if args.key_stdin and args.mp_authkey_stdin:
+            _adopt_mp_authkey(sys.stdin.buffer.readline().strip())
         host, port = _parse_address(args.connect)
         resources = parse_resources(args.resources) if args.resources else None
     except (OSError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def kernelspec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return "python3"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def cell_text(cell) -> str:
@@ -85,8 +89,18 @@ def test_notebook_runs(kernelspec: str, python_env: dict[str, str]) -> None:
     text = outputs["exception"]
     assert "caught: ValueError" in text, everything
     assert "Traceback (most recent call last):" in text, everything
-    # The remote frame: the function defined in the notebook, as it ran in the worker.
+    # The remote frame: the function defined in the notebook, as it ran in the worker, under the
+    # cell's file name (whatever cloudpickle does with co_filename), with the cell's source line,
+    # which only this kernel has.
     assert ", in parse_record" in text, everything
+    assert "<dynamic-code>" not in text, everything
+    assert "return key, int(value)" in text, everything
+
+    # Uncaught, IPython names the remote frame after its cell and shows the source line.
+    uncaught = ANSI.sub("", outputs["uncaught"])
+    assert "ValueError: invalid literal for int() with base 10: 'deep'" in uncaught, everything
+    assert re.search(r"Cell In\[\d+\], line 5", uncaught), uncaught
+    assert "return key, int(value)" in uncaught, uncaught
     assert "ValueError: invalid literal for int() with base 10: 'four'" in text, everything
     if sys.version_info >= (3, 11):  # exception notes are printed by traceback from 3.11 on
         assert "[distexec] raised in task" in text, everything

@@ -109,9 +109,13 @@ class LocalProcess:
         return self._progress is not None
 
     def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the worker unless it has been reaped."""
         if self.popen.returncode is None:
             try:
-                self.popen.kill()
+                self.popen.send_signal(sig)
             except ProcessLookupError:
                 pass
 
@@ -144,19 +148,29 @@ class LocalProcess:
 class LocalLauncher:
     """Starts worker interpreters on this machine.
 
+    Every worker gets, on its stdin (never in argv, which other users can read), the executor's
+    key and then this process's multiprocessing authkey, so that it can use the proxies of this
+    process's ``multiprocessing`` managers as a multiprocessing child could
+    (see :mod:`distexec.mpobjects`).
+
     Args:
         python: interpreter to run; defaults to :data:`sys.executable`.
         env: extra environment variables for the workers.
+        pass_fds: descriptors every worker inherits at the same numbers (those of
+            multiprocessing objects in ``initargs``).
     """
 
-    def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.python = python or sys.executable
         self.env = dict(env or {})
+        self.pass_fds = tuple(pass_fds)
 
     def command(self, address: str, worker_id: int, extra: Sequence[str] = ()) -> list[str]:
         return [
             self.python, "-m", "distexec.worker",
-            "--connect", address, "--worker-id", str(worker_id), "--key-stdin", *extra,
+            "--connect", address, "--worker-id", str(worker_id), "--key-stdin",
+            "--mp-authkey-stdin", *extra,
         ]
 
     def start(self, worker_id: int, address: str, key: bytes) -> LocalProcess:
@@ -172,7 +186,7 @@ class LocalLauncher:
         try:
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, env=env, close_fds=True, cwd=os.getcwd(),
-                pass_fds=(progress_fd,) if progress_fd is not None else (),
+                pass_fds=self.pass_fds + ((progress_fd,) if progress_fd is not None else ()),
             )
         except BaseException:
             if progress_fd is not None:
@@ -186,12 +200,20 @@ class LocalLauncher:
                 os.close(progress_fd)
         assert popen.stdin is not None
         try:
-            popen.stdin.write(key.hex().encode() + b"\n")
+            popen.stdin.write(key.hex().encode() + b"\n" + _mp_authkey().hex().encode() + b"\n")
             popen.stdin.flush()
         except OSError:
             pass  # it died already; its exit will be reported like any other
         logger.debug("started worker %d: pid %d: %s", worker_id, popen.pid, " ".join(cmd))
         return LocalProcess(worker_id, popen, progress)
+
+
+def _mp_authkey() -> bytes:
+    """This process's multiprocessing authkey (multiprocessing is imported already, by
+    concurrent.futures.process, for the exception types)."""
+    from multiprocessing import current_process
+
+    return bytes(current_process().authkey)
 
 
 def _progress_fd(worker_id: int) -> int | None:

@@ -19,8 +19,9 @@ only exclusion table); they are reported as skipped. ``--include NAME`` runs one
 
 How the tests are adapted (also printed in the summary; see :data:`ADAPTATIONS`): the executor
 class the tests instantiate is a factory that takes ProcessPoolExecutor's signature and drops the
-``mp_context`` argument; ``get_context()`` returns a stand-in whose start method is "spawn" and
-which skips any test that asks it for real multiprocessing objects; ExecutorDeadlockTest's result
+``mp_context`` argument; ``get_context()`` returns a stand-in whose start method is "spawn",
+whose ``Manager()`` is the spawn context's, and which skips any test that asks it for other
+multiprocessing objects; ExecutorDeadlockTest's result
 timeout is lowered and its deadlock handler no longer needs ``_processes``; the failing-initializer
 test looks for the initializer's error in distexec's logger instead of the stdlib pools' logger;
 the tests that run a child interpreter get one that can import distexec.
@@ -82,9 +83,6 @@ EXCLUDED: dict[tuple[str, str], tuple[str, str]] = {
     (_PPE, "test_traceback"): (
         INTERNALS, "asserts that exc.__cause__ is concurrent.futures.process._RemoteTraceback "
         "(distexec keeps the remote traceback on the exception itself, via tblib)"),
-    (_PPE, "test_ressources_gced_in_workers"): (
-        INTERNALS, "needs mp_context.Manager(); its proxies authenticate only in children "
-        "started by multiprocessing (with its authkey), not in distexec workers"),
     (_PPE, "test_saturation"): (
         INTERNALS, "counts executor._processes; blocks workers on an mp_context.Semaphore"),
     (_PPE, "test_idle_process_reuse_one"): (
@@ -134,7 +132,7 @@ REVIEWED = {
     _PPE: {"test_submit", "test_submit_keyword", "test_map", "test_map_exception",
            "test_map_timeout", "test_shutdown_race_issue12456", "test_no_stale_references",
            "test_max_workers_negative", "test_free_reference", "test_map_chunksize",
-           "test_max_tasks_early_shutdown"},
+           "test_max_tasks_early_shutdown", "test_ressources_gced_in_workers"},
     _SHUT: {"test_run_after_shutdown", "test_interpreter_shutdown",
             "test_submit_after_interpreter_shutdown", "test_hang_issue12364",
             "test_hang_gh83386", "test_hang_gh94440"},
@@ -160,8 +158,8 @@ REVIEWED = {
 
 ADAPTATIONS = (
     "executor_type is a factory with ProcessPoolExecutor's signature that drops mp_context",
-    "get_context() returns a stand-in: start method 'spawn'; asking it for multiprocessing "
-    "objects skips the test",
+    "get_context() returns a stand-in: start method 'spawn', Manager() from the spawn context; "
+    "asking it for other multiprocessing objects skips the test",
     "ExecutorDeadlockTest: TIMEOUT = --deadlock-timeout; _fail_on_deadlock does not use "
     "executor._processes",
     "FailingInitializer: the initializer's error is looked for in the executor package's "
@@ -213,12 +211,19 @@ def find_class(modules, name):
 class NoMPContext:
     """What ``get_context()`` returns: the executor under test takes no multiprocessing context.
 
-    ``get_start_method()`` answers "spawn" (workers are fresh interpreters); anything else
-    (Semaphore, Queue, Manager...) skips the calling test.
+    ``get_start_method()`` answers "spawn" (workers are fresh interpreters), and ``Manager()``
+    is the spawn context's (distexec's local workers can use its proxies); anything else
+    (Semaphore, Queue...) skips the calling test, since the tests that ask for them pass them
+    in ways only ProcessPoolExecutor's internals allow, or read its internals anyway.
     """
 
     def get_start_method(self, allow_none=False):
         return "spawn"
+
+    def Manager(self):  # noqa: N802 - multiprocessing's name
+        import multiprocessing
+
+        return multiprocessing.get_context("spawn").Manager()
 
     def __getattr__(self, name):
         raise unittest.SkipTest(f"needs a real multiprocessing context (mp_context.{name})")
