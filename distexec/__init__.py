@@ -30,10 +30,10 @@ from .errors import (
     TaskPicklingError,
     TaskTimeoutError,
     TaskUnpicklingError,
-    WorkerLostError,
 )
 
 if TYPE_CHECKING:
+    from .errors import WorkerLostError
     from .executor import (
         DistributedExecutor,
         ExecutorStatus,
@@ -77,6 +77,12 @@ _LAZY = ("DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "
 
 
 def __getattr__(name: str) -> Any:
+    if name == "WorkerLostError":  # its base class, BrokenProcessPool, imports multiprocessing
+        from . import errors
+
+        value = errors.WorkerLostError
+        globals()[name] = value
+        return value
     if name in _LAZY:
         from . import executor
 
@@ -87,4 +93,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"WorkerLostError"})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError
@@ -40,10 +40,12 @@ from .manager import (
     SharedState,
     interpreter_exiting,
 )
-from .launchers.hosts import HostSpec, merge_duplicates, parse_hosts, read_hosts_file
-from .launchers.ssh import SSHOptions
 from .context import Shared
 from .scheduler import Needs, Task, TaskKind, task_ids
+
+if TYPE_CHECKING:
+    from .launchers.hosts import HostSpec
+    from .launchers.ssh import SSHOptions
 
 __all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
@@ -253,6 +255,12 @@ def _parse_key(key: bytes | str) -> bytes:
     return raw
 
 
+def _ssh_options(**kwargs: Any) -> SSHOptions:
+    from .launchers.ssh import SSHOptions
+
+    return SSHOptions(**kwargs)
+
+
 def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
     while True:
         chunk = list(itertools.islice(iterable, n))
@@ -364,6 +372,8 @@ class DistributedExecutor(Executor):
     ) -> None:
         host_specs: tuple[HostSpec, ...] = ()
         if hosts is not None:
+            from .launchers.hosts import merge_duplicates, parse_hosts, read_hosts_file
+
             if isinstance(hosts, (str, os.PathLike)):
                 host_specs = tuple(merge_duplicates(read_hosts_file(hosts)))
             else:
@@ -435,7 +445,7 @@ class DistributedExecutor(Executor):
             heartbeat_timeout=heartbeat_timeout,
             max_retries=retries,
             hosts=host_specs,
-            ssh=SSHOptions(ssh_config=ssh_config, known_hosts=known_hosts,
+            ssh=_ssh_options(ssh_config=ssh_config, known_hosts=known_hosts,
                            accept_new_host_keys=accept_new_host_keys, tunnel=tunnel,
                            python=python) if host_specs else None,
             name=_check_name(name),

@@ -68,12 +68,10 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
-
-import cloudpickle
+from typing import TYPE_CHECKING, Any
 
 from . import protocol, serialization
-from ._version import __version__
+from ._version import __version__, installed_version
 from .errors import (
     BrokenDistributedExecutor,
     DependencyError,
@@ -87,9 +85,7 @@ from .errors import (
     TaskUnpicklingError,
     WorkerLostError,
 )
-from .launchers.hosts import HostSpec
 from .launchers.local import LocalLauncher, LocalProcess
-from .launchers.ssh import SSHHost, SSHOptions, SSHProcess
 from .scheduler import (
     Needs,
     Pool,
@@ -101,6 +97,10 @@ from .scheduler import (
     WorkerState,
     task_ids,
 )
+
+if TYPE_CHECKING:  # the SSH launcher is imported only for an executor with hosts
+    from .launchers.hosts import HostSpec
+    from .launchers.ssh import SSHHost, SSHOptions, SSHProcess
 
 logger = logging.getLogger(__name__)
 
@@ -700,6 +700,8 @@ class Manager:
     def _start_hosts(self) -> None:
         if not self.config.hosts:
             return
+        from .launchers.ssh import SSHHost, SSHOptions
+
         options = self.config.ssh or SSHOptions()
         for spec in self.config.hosts:
             host = SSHHost(spec, options, self.address,
@@ -844,7 +846,7 @@ class Manager:
 
         here = {
             "python": "{}.{}".format(*sys.version_info[:2]),
-            "cloudpickle": cloudpickle.__version__,
+            "cloudpickle": installed_version("cloudpickle"),
             "distexec": __version__,
         }
         there = {
@@ -910,7 +912,8 @@ class Manager:
             logger.info("worker %d joined from %s (pid %s on %s)", worker_id, conn.peer,
                         info.get("pid"), info.get("host"))
         record.pid = info.get("pid") if isinstance(info.get("pid"), int) else record.pid
-        if isinstance(slot.proc, SSHProcess) and slot.proc.pid is None:
+        if slot.proc is not None and type(slot.proc) is not LocalProcess \
+                and slot.proc.pid is None:
             slot.proc.pid = record.pid  # lets the host thread kill it by pid
         record.host = str(info.get("host", record.host))
         record.info = info

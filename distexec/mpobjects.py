@@ -46,7 +46,7 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import serialization
+from . import _cloud, serialization
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +113,11 @@ def _survey(obj: Any, found: list[Any], spawning: bool,
     """Pickle ``obj`` noting every multiprocessing object in it (appended to ``found``)."""
     from multiprocessing.reduction import ForkingPickler
 
-    class Survey(serialization._Pickler):
+    class Survey(_cloud.Pickler):
         # multiprocessing's own reducers (shared ctypes, arenas, connections) come first.
         dispatch_table = (ChainMap(ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
-                                                 serialization._Pickler.dispatch_table)
-                          if spawning else serialization._Pickler.dispatch_table)
+                                                 _cloud.Pickler.dispatch_table)
+                          if spawning else _cloud.Pickler.dispatch_table)
 
         def reducer_override(self, item: Any) -> Any:
             module = getattr(type(item), "__module__", None) or ""

@@ -16,8 +16,8 @@ Pickling strategy
 * Code objects pickled by value keep their file name. cloudpickle 3.1.3 and newer replace
   ``co_filename`` with ``"<dynamic-code>"`` (so that pickles are deterministic); a remote frame of
   a function defined in ``__main__`` or a notebook cell would then name no file and show no
-  source line. Our pickler (:class:`_Pickler`) wraps cloudpickle's code reducer and puts the real
-  name back when the code object is rebuilt, so the traceback re-raised here points at the
+  source line. Our pickler (in :mod:`distexec._cloud`) wraps cloudpickle's code reducer and puts
+  the real name back when the code object is rebuilt, so the traceback re-raised here points at the
   script or the notebook cell, whose source lines this process has.
 
 Exceptions
@@ -37,11 +37,11 @@ import logging
 import pickle
 import traceback
 import types
-from collections import ChainMap, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
+import sys
 
 from .errors import RemoteError
 
@@ -49,32 +49,9 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL = 5
 _MAIN_MARKER = b"__main__"
+_MP_MARKER = b"multiprocessing"  # in every pickle that holds a multiprocessing object
 
 Payload = tuple[bytes, list[memoryview]]
-
-
-def _rebuild_code(make: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
-    """Unpickling side of :func:`_reduce_code`: cloudpickle's rebuild, with the real file name."""
-    code: types.CodeType = make(*args)
-    return code.replace(co_filename=filename)
-
-
-def _cloudpickle_code_reducer() -> Any:
-    """cloudpickle's reducer for code objects, or None if it keeps ``co_filename`` itself."""
-    reduce = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
-    if reduce is None:
-        return None
-    probe = compile("0", "<distexec-probe>", "eval")
-    return None if "<distexec-probe>" in reduce(probe)[1] else reduce
-
-
-_CODE_REDUCE = _cloudpickle_code_reducer()
-
-
-def _reduce_code(code: types.CodeType) -> Any:
-    """Reduce a code object as cloudpickle does, but keep its file name (see the module doc)."""
-    make, args = _CODE_REDUCE(code)
-    return _rebuild_code, (make, args, code.co_filename)
 
 
 # Key added to the globals pickled with a function from __main__: {name: version} (see
@@ -104,44 +81,25 @@ class MainVersions:
         return entry[1]
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle's pickler, with code objects that keep their file name, and versions for the
-    ``__main__`` globals of functions when :attr:`main_versions` is set."""
-
-    # A ChainMap (as cloudpickle's own table) so that later copyreg registrations still count.
-    dispatch_table = (ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
-                      if _CODE_REDUCE is not None else cloudpickle.Pickler.dispatch_table)
-    main_versions: MainVersions | None = None
-
-    def _dynamic_function_reduce(self, func: Any) -> Any:
-        reduced = super()._dynamic_function_reduce(func)
-        versions = self.main_versions
-        if versions is not None and func.__globals__.get("__name__") == "__main__":
-            try:
-                f_globals = reduced[2][1]["__globals__"]
-            except (IndexError, KeyError, TypeError):  # another cloudpickle layout: no versions
-                return reduced
-            if f_globals:
-                f_globals[_VERSIONS_KEY] = {k: versions.version(k, v) for k, v in f_globals.items()}
-        return reduced
+def _by_value_modules_registered() -> bool:
+    # Nobody can have registered a module before cloudpickle was imported (its import is what
+    # makes the first pickling by value slower, so it waits until then). cloudpickle keeps the
+    # registry in a private module attribute; if that ever moves we simply always take the
+    # cloudpickle path, which is correct, only slower.
+    module = sys.modules.get("cloudpickle.cloudpickle")
+    if module is None:
+        return False
+    registry = getattr(module, "_PICKLE_BY_VALUE_MODULES", None)
+    return registry is None or bool(registry)
 
 
 def cloud_dumps(obj: Any, buffer_callback: Any = None,
                 main_versions: MainVersions | None = None) -> bytes:
-    """``cloudpickle.dumps(obj)`` with protocol 5 and file names kept (see :class:`_Pickler`)."""
-    with io.BytesIO() as file:
-        pickler = _Pickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
-        if main_versions is not None:
-            pickler.main_versions = main_versions
-        pickler.dump(obj)
-        return file.getvalue()
+    """``cloudpickle.dumps(obj)`` with protocol 5 and file names kept (see
+    :mod:`distexec._cloud`); imports cloudpickle on first use."""
+    from . import _cloud
 
-
-def _by_value_modules_registered() -> bool:
-    # cloudpickle keeps the registry in a private module attribute; if that ever moves we simply
-    # always take the cloudpickle path, which is correct, only slower.
-    registry = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
-    return registry is None or bool(registry)
+    return _cloud.cloud_dumps(obj, buffer_callback, main_versions)
 
 
 def dumps(obj: Any, main_versions: MainVersions | None = None) -> Payload:
@@ -197,6 +155,9 @@ class MainNamespace:
 
     def __init__(self) -> None:
         self.ns: dict[str, Any] = {"__name__": "__main__"}
+        # Called once, before the first pickle that mentions multiprocessing is loaded (the
+        # worker installs the caller's multiprocessing authkey then, see distexec.worker).
+        self.before_multiprocessing: Callable[[], None] | None = None
         self._installed: dict[str, Any] = {}  # name -> the object a pickle put there
         self._versions: dict[str, int] = {}  # name -> the caller's version of that object
 
@@ -206,7 +167,9 @@ class MainNamespace:
             for key, value in globals_.items():
                 self.ns.setdefault(key, value)
             globals_ = self.ns
-        return cloudpickle.cloudpickle._make_function(code, globals_, name, argdefs, closure)
+        from cloudpickle import cloudpickle  # imported already: the pickle refers to it
+
+        return cloudpickle._make_function(code, globals_, name, argdefs, closure)
 
     def function_setstate(self, obj: Any, state: Any) -> Any:
         if obj.__globals__ is self.ns:
@@ -224,7 +187,9 @@ class MainNamespace:
                     del incoming[key]  # rebound by code that ran here: keep it
                     continue
                 installed[key] = incoming[key]
-        return cloudpickle.cloudpickle._function_setstate(obj, state)
+        from cloudpickle import cloudpickle
+
+        return cloudpickle._function_setstate(obj, state)
 
 
 class _MainUnpickler(pickle.Unpickler):
@@ -243,6 +208,9 @@ class _MainUnpickler(pickle.Unpickler):
 
 def loads_into(main: MainNamespace, data: Any, buffers: Any = ()) -> Any:
     """:func:`loads`, with functions from the caller's ``__main__`` sharing ``main``'s globals."""
+    if main.before_multiprocessing is not None and _MP_MARKER in data:
+        hook, main.before_multiprocessing = main.before_multiprocessing, None
+        hook()
     if _MAIN_MARKER not in data:
         return pickle.loads(data, buffers=buffers)
     return _MainUnpickler(io.BytesIO(data), main, buffers).load()
@@ -310,16 +278,6 @@ def describe_callable(fn: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- exceptions
-class _ExceptionPickler(_Pickler):
-    """Our pickler with tblib's reducers for tracebacks and the given exception types only."""
-
-    def __init__(self, file: Any, table: dict[type, Any]) -> None:
-        merged = ChainMap(table, _Pickler.dispatch_table)
-        # The C pickler reads dispatch_table once, in __init__: set it first.
-        self.dispatch_table = merged
-        super().__init__(file, protocol=PROTOCOL)
-
-
 def _exception_types(exc: BaseException, seen: set[int], out: set[type]) -> None:
     if id(exc) in seen:
         return
@@ -344,8 +302,10 @@ def _pickle_exception(exc: BaseException) -> bytes:
     _exception_types(exc, set(), types_)
     table: dict[type, Any] = {t: _reduce_exception for t in types_}
     table[types.TracebackType] = partial(pickling_support.pickle_traceback, get_locals=None)
+    from ._cloud import ExceptionPickler
+
     buf = io.BytesIO()
-    _ExceptionPickler(buf, table).dump(exc)
+    ExceptionPickler(buf, table).dump(exc)
     return buf.getvalue()
 
 

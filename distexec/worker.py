@@ -54,10 +54,11 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 from . import context, protocol, serialization
-from ._version import __version__
+from ._version import __version__, installed_version
 from .errors import HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError
 
 logger = logging.getLogger(__name__)
@@ -91,22 +92,14 @@ _PROGRESS = struct.Struct("=qq")
 
 def worker_info(worker_id: int | None) -> dict[str, Any]:
     """What a worker tells the manager about itself in the handshake."""
-    import cloudpickle
-
-    try:
-        import tblib
-
-        tblib_version = getattr(tblib, "__version__", "unknown")
-    except ImportError:  # pragma: no cover - a dependency
-        tblib_version = "missing"
     return {
         "worker_id": worker_id,
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "python": "{}.{}.{}".format(*sys.version_info[:3]),
         "executable": sys.executable,
-        "cloudpickle": cloudpickle.__version__,
-        "tblib": tblib_version,
+        "cloudpickle": installed_version("cloudpickle"),
+        "tblib": installed_version("tblib"),
         "distexec": __version__,
         "cpus": os.cpu_count() or 1,
     }
@@ -489,7 +482,7 @@ class Worker:
         ok, extra, buffers = self.client().request(protocol.FETCH, (name,)).result()
         if not ok:
             raise KeyError(extra)
-        value = serialization.loads(buffers[0], buffers[1:])
+        value = serialization.loads_into(self.main, buffers[0], buffers[1:])
         with self.data_lock:
             if self.forgotten.get(name, 0) == epoch:
                 self.data[name] = value
@@ -783,12 +776,14 @@ def _read_key(args: argparse.Namespace) -> bytes:
     return key
 
 
-def _adopt_mp_authkey(line: bytes) -> None:
+def _adopt_mp_authkey(key: bytes) -> None:
     """Take the caller's multiprocessing authkey as ours, as a multiprocessing child inherits
-    it, so that proxies of the caller's managers are admitted by their servers."""
+    it, so that proxies of the caller's managers are admitted by their servers. Called before
+    the first pickle that mentions multiprocessing is loaded: a worker whose tasks use none
+    never imports multiprocessing."""
     from multiprocessing import current_process
 
-    current_process().authkey = bytes.fromhex(line.decode())
+    current_process().authkey = key
 
 
 def parse_resources(spec: str) -> dict[str, float | str]:
@@ -863,8 +858,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         key = _read_key(args)
+        mp_authkey = None
         if args.key_stdin and args.mp_authkey_stdin:
-            _adopt_mp_authkey(sys.stdin.buffer.readline().strip())
+            mp_authkey = bytes.fromhex(sys.stdin.buffer.readline().strip().decode())
         host, port = _parse_address(args.connect)
         resources = parse_resources(args.resources) if args.resources else None
     except (OSError, ValueError) as exc:
@@ -903,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(sock, int(welcome["worker_id"]), progress)
     worker.address = (host, port)
     worker.key = key
+    if mp_authkey is not None:
+        worker.main.before_multiprocessing = partial(_adopt_mp_authkey, mp_authkey)
     interval = welcome.get("heartbeat_interval")
     worker.heartbeat_interval = float(interval) if interval else None
     silence = welcome.get("manager_timeout")

@@ -8,6 +8,7 @@ import ast
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -71,3 +72,30 @@ def test_paramiko_is_not_imported_by_the_core():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=str(PKG.parent), timeout=20)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_local_executor_loads_only_what_it_uses():
+    """Startup: without hosts, nothing of SSH; without multiprocessing objects, nothing of
+    distexec.mpobjects; no monitor without a name; in the caller and in the worker."""
+    code = textwrap.dedent("""
+        import sys
+        from distexec import DistributedExecutor
+
+        def modules():
+            import sys
+            return sorted(sys.modules)
+
+        with DistributedExecutor(max_workers=1) as ex:
+            in_worker = ex.submit(modules).result(timeout=60)
+        unwanted = ("paramiko", "distexec.launchers.ssh", "distexec.launchers.hosts",
+                    "distexec.mpobjects", "distexec.monitor", "distexec.manager",
+                    "distexec.executor", "cryptography", "nacl")
+        print([m for m in sys.modules if m.startswith(unwanted[:5])])
+        print([m for m in in_worker if m.startswith(unwanted)])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(PKG.parent), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    caller, worker = proc.stdout.strip().splitlines()[-2:]
+    assert caller == "[]", f"the caller loaded {caller}"
+    assert worker == "[]", f"the worker loaded {worker}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,17 +170,26 @@ def test_refused_login_and_wrong_python_leave_the_other_hosts_working(own_lab, t
 
 
 def test_a_python_of_another_minor_version_is_reported(ssh_lab):
-    other = next((p for p in ("/root/.pyenv/versions/3.10.13/bin/python3",
-                              "/usr/bin/python3.10", "/usr/bin/python3.12")
-                  if os.path.exists(p)), None)
+    import glob
+
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3"))
+                        + glob.glob("/usr/bin/python3.[0-9]*"))
+    # Another minor version than the one running the tests (each leg runs a different one).
+    other = next((p for p in candidates
+                  if f"/{here}." not in p and not p.endswith(f"python{here}")
+                  and re.search(r"3\.(1[0-9])", p)), None)
     if other is None:
         pytest.skip("no interpreter of another minor version on this machine")
     ex = DistributedExecutor(hosts=[f"{ssh_lab.hosts[0].name} python={other}"],
                              ssh_config=str(ssh_lab.ssh_config))
-    with pytest.raises(BrokenDistributedExecutor, match=r"Python 3\.\d+\.\d+ there, 3\.") as info:
-        ex.submit(square, 2).result(timeout=60)
-    assert f"python=/path/to/python{sys.version_info[0]}.{sys.version_info[1]}" in str(info.value)
-    ex.shutdown()
+    try:
+        with pytest.raises(BrokenDistributedExecutor,
+                           match=r"Python 3\.\d+\.\d+ there, 3\.") as info:
+            ex.submit(square, 2).result(timeout=60)
+        assert f"python=/path/to/python{here}" in str(info.value)
+    finally:
+        ex.shutdown()
 
 
 def test_zero_install_on_a_host_where_distexec_is_not_importable(ssh_lab, tmp_path):
