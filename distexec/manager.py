@@ -289,7 +289,7 @@ class _Slot:
         self.lost_reason: str | None = None  # declared lost for missing heartbeats
         self.stopping = False  # we stopped it to abort a task: its loss charges no one
         self.retiring = False  # the pool shrank: it is on its way out
-        self.dump = b""  # newest control-channel bytes (faulthandler stack dumps)
+        self.dump = b""  # newest control-channel text (stack dumps it was asked for)
         self.main_thread: int | None = None  # the worker's main thread id, as in the dumps
         self.zombie = False  # declared lost, connections kept to drop what it still sends
         self.lost_at = 0.0
@@ -1082,7 +1082,7 @@ class Manager:
         if slot is not None and slot.ctrl is conn:
             slot.ctrl = None
             # Not a loss by itself: the main connection or the process exit says so; should
-            # the worker live on without it, its heartbeats stop and the watchdog decides.
+            # the worker live on without it, its heartbeats stop and the heartbeat check decides.
             logger.debug("worker %d closed its control connection (%s)", slot.worker_id, why)
             if slot.zombie:
                 self._bury(slot)
@@ -1707,7 +1707,7 @@ class Manager:
         slot = self._slots.get(task.worker_id)
         if asked is None and slot is not None and slot.ctrl is not None and slot.on_dump is None:
             # Ask where it is first; stop it when the dump arrives, or after DUMP_WAIT anyway
-            # (a task holding the GIL cannot answer; the last heartbeat dump is used then).
+            # (a task holding the GIL cannot answer).
             final = partial(self._time_limit_expired, task_id, attempt, slot)
             if self._send_control(slot, protocol.DUMP, task.id, attempt):
                 slot.on_dump = final
@@ -1722,7 +1722,9 @@ class Manager:
         err = TaskTimeoutError(
             f"task {task.id} ({name}) exceeded its time limit of {task.time_limit:g} s on "
             f"{where}; the worker was stopped and will be replaced"
-            + (f". Its last reported stack (most recent call first):\n{stack}" if stack else ""))
+            + (f". Its last reported stack (most recent call first):\n{stack}" if stack else
+               f". It did not report its stack within {DUMP_WAIT:g} s (a task that holds the "
+               "GIL, in a C call, cannot)" if asked is not None else ""))
         logger.warning("task %d (%s) exceeded its time limit of %g s; stopping %s", task.id,
                        name, task.time_limit, where)
         self._stop_task(task, TaskState.FAILED, err)

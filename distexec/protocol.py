@@ -78,12 +78,11 @@ Control channel
 Each worker opens a second connection, authenticated by the same handshake with
 ``"channel": "control"`` in its info. It carries no frames:
 
-* worker to manager: heartbeats. CPython's :mod:`faulthandler` watchdog thread writes a dump of
-  every thread's stack to this socket every heartbeat interval. It is a native thread that needs
-  no GIL, so a worker whose task holds the GIL inside a C call keeps beating, while a frozen
-  (stopped) or unreachable worker falls silent. A Python thread adds a NUL byte per interval as
-  a second source (should a task re-arm faulthandler for itself). The manager treats any byte
-  as a sign of life and keeps the newest dump to show where a timed-out task was.
+* worker to manager: heartbeats, one NUL byte (``BEAT``) per heartbeat interval, from two
+  sources: the worker's control thread, and its *pulse* process, a tiny child interpreter that
+  needs no GIL of the worker's, so a worker whose task holds the GIL inside a C call keeps
+  beating, while a frozen (stopped) or unreachable worker falls silent. The manager treats any
+  byte as a sign of life. Also the answers to ``ABORT`` and ``DUMP`` (below).
 * manager to worker: fixed-size commands, ``CONTROL_COMMAND`` = u8 command, i64 task id,
   i64 attempt. ``ABORT``: if that attempt is running, the worker stops it by exiting (or, when
   it was started by hand, by restarting itself); if it is still queued there, it is skipped.
@@ -347,12 +346,12 @@ ABORT = 1
 DUMP = 2
 # Worker to manager, inside the control stream: ACK_MARK + CONTROL_COMMAND(SKIPPED, task, attempt)
 # says an aborted task was only queued there and was skipped (the worker lives on). The mark
-# byte never occurs in faulthandler's ASCII dumps.
+# byte never occurs in the worker's stack dumps (ASCII text, control bytes replaced).
 SKIPPED = 3
 ACK_MARK = b"\x01"
 DUMP_BEGIN = b"Timeout (requested)!\n"
 DUMP_END = b"End of requested dump.\n"
-# The worker's second source of heartbeats (faulthandler's dumps are ASCII, never NUL).
+# A heartbeat (never part of a stack dump).
 BEAT = b"\0"
 
 Buffer = bytes | bytearray | memoryview

@@ -13,10 +13,8 @@ Threads:
     batch while a longer task runs (armed only when results are held back, so the round trip of
     a lone task never involves it).
   * ``distexec-control`` owns the second, *control* connection (see :mod:`distexec.protocol`).
-    It arms :mod:`faulthandler`'s watchdog to write a stack dump to that socket every heartbeat
-    interval: a native thread, so heartbeats continue while a task holds the GIL in a C call,
-    and stop when the process is frozen. It also adds a NUL byte per interval, receives
-    ``ABORT`` commands, and sends ``LEAVE`` when the worker is asked to leave (SIGTERM, or
+    It sends a NUL byte (a heartbeat) every heartbeat interval, receives ``ABORT``, ``DUMP``
+    and ``PING`` commands, and sends ``LEAVE`` when the worker is asked to leave (SIGTERM, or
     Ctrl-C for a worker started by hand). When the control connection closes, the task manager
     is gone and the worker exits at once, even in the middle of a task.
   * ``distexec-client`` and ``distexec-client-results`` (only once a task reads shared data or
@@ -27,6 +25,14 @@ Threads:
     queued gets it sent here (RUN) and runs it inline, on the main thread, inside the wait.
   * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
     when the process that started the worker dies, even by SIGKILL; the worker then exits.
+
+Heartbeats that need no GIL come from a *pulse* process (see :func:`_start_pulse`): a tiny
+child interpreter that writes a NUL byte to the control connection every interval while this
+process is not stopped, so a task holding the GIL in a C call keeps its worker alive, and a
+frozen (SIGSTOP) or unreachable worker falls silent. It exits as soon as this process does.
+(Earlier versions used faulthandler's watchdog thread for this; it reads the other threads'
+frames without the GIL and can crash the process or deadlock cancelling it, CPython
+gh-116008.)
 
 Aborting the running task: a worker the executor started exits (``EXIT_ABORTED``) and the
 executor starts a fresh one; a worker started by hand re-executes itself with its original
@@ -41,7 +47,6 @@ Exit codes: 0 normal shutdown or left, 2 bad command line, 3 handshake failed or
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import pickle
@@ -53,6 +58,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections import deque
 from functools import partial
 from typing import Any
@@ -85,6 +91,32 @@ KEY_ENV = "DISTEXEC_KEY"
 # Upper bound on waiting for the control connection before running user code (it normally
 # takes one round trip; if it fails, the control thread ends the process anyway).
 CONTROL_SETUP_TIMEOUT = 30.0
+# The pulse process (see _start_pulse). It runs with -I -S: no site, no user environment, only
+# builtin and extension modules. fd 3 is the control socket, fd 4 the read end of a pipe that
+# only this worker holds open (EOF: the worker is gone, even by SIGKILL or exec).
+# argv: marker, worker pid, interval.
+_PULSE_CODE = """\
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker (it leaves), not us
+try:
+    pid, interval = int(sys.argv[2]), float(sys.argv[3])
+    stat = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+    while not select.select([4], [], [], interval)[0]:
+        if os.getppid() != pid:
+            break
+        state = os.pread(stat, 1024, 0).rpartition(b")")[2][1:2]
+        if state in (b"T", b"t"):
+            continue
+        if not state or state in (b"Z", b"X"):
+            break
+        try:
+            os.write(3, b"\\0")
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            pass
+except Exception:
+    pass  # the worker notices that this process ended and says so
+"""
+PULSE_MARKER = "distexec-pulse"
 # Layout of the progress region shared with a local task manager: (task id, attempt), zeros
 # between tasks. Must match distexec.launchers.local.PROGRESS (the worker does not import it).
 _PROGRESS = struct.Struct("=qq")
@@ -196,6 +228,8 @@ class Worker:
         self.leaving = False
         self.leave_r, self.leave_w = os.pipe()
         self.control: socket.socket | None = None
+        # The pulse process (see _start_pulse): its pid and the write end of its lifeline pipe.
+        self.pulse: tuple[int, int] | None = None
         # Set once heartbeats flow: user code (even the initializer) runs only after that, so
         # that a first task holding the GIL cannot starve the control thread's handshake.
         self.control_ready = threading.Event()
@@ -341,9 +375,6 @@ class Worker:
         with self.out_cond:
             self.closing = True
             self.out_cond.notify()
-        if self.control is not None:
-            # The watchdog writes to the control socket's fd: stop it before anything closes.
-            faulthandler.cancel_dump_traceback_later()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -521,8 +552,7 @@ class Worker:
             return
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Bound how long the watchdog can block writing to a peer that stopped reading, so that
-        # cancelling it (which joins it) cannot hang.
+        # Bound how long the pulse process can block writing to a peer that stopped reading.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         protocol.set_keepalive(sock)
         with self.out_cond:
@@ -530,7 +560,7 @@ class Worker:
                 sock.close()
                 return
             self.control = sock
-            faulthandler.dump_traceback_later(interval, repeat=True, file=sock)
+        self.pulse = _start_pulse(sock.fileno(), interval, self.where())
         self.control_ready.set()
         buf = b""
         size = protocol.CONTROL_COMMAND.size
@@ -562,17 +592,43 @@ class Worker:
                                 sock.sendall(protocol.ACK_MARK + protocol.CONTROL_COMMAND.pack(
                                     protocol.SKIPPED, task_id, attempt))
                         elif command == protocol.DUMP:
-                            sock.sendall(protocol.DUMP_BEGIN)
-                            faulthandler.dump_traceback(file=sock, all_threads=True)
-                            sock.sendall(protocol.DUMP_END)
+                            sock.sendall(protocol.DUMP_BEGIN + _stack_dump()
+                                         + protocol.DUMP_END)
                 elif not ready:
                     sock.send(protocol.BEAT)
+                    self.reap_pulse(block=False)
             except OSError:
                 break
         if not self.closing:
             # The task manager is gone; whatever runs here is of no use to anyone.
             _flush_std_streams()
             os._exit(EXIT_MANAGER_LOST)
+
+    def reap_pulse(self, block: bool) -> None:
+        """Control thread: collect the pulse process if it has ended (so that it does not stay
+        a zombie); with ``block``, end it first (before this process execs itself anew)."""
+        if self.pulse is None:
+            return
+        pid, lifeline = self.pulse
+        if block:
+            os.close(lifeline)  # EOF: the pulse process exits at once
+        deadline = time.monotonic() + (1.0 if block else 0.0)
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        if done:
+            if not block:
+                os.close(lifeline)
+            self.pulse = None
+            if not block and not self.closing:
+                logger.warning("%s: its heartbeat process ended; a task that holds the GIL "
+                               "longer than heartbeat_timeout will be taken for a lost worker",
+                               self.where())
 
     def abort(self, task_id: int, attempt: int) -> bool:
         """Control thread: stop the task if it runs (the process ends: this never returns);
@@ -588,7 +644,7 @@ class Worker:
         _flush_std_streams()
         if restart:
             assert self.restart_argv is not None
-            faulthandler.cancel_dump_traceback_later()
+            self.reap_pulse(block=True)
             try:
                 os.execv(sys.executable, [sys.executable, "-m", "distexec.worker",
                                           *self.restart_argv])
@@ -728,6 +784,51 @@ def _merge_sys_path(client_path: list[str]) -> list[str]:
         if entry not in merged:
             merged.append(entry)
     return merged
+
+
+def _start_pulse(control_fd: int, interval: float, where: str) -> tuple[int, int] | None:
+    """Start the pulse process that beats on ``control_fd`` every ``interval`` seconds while
+    this process is not stopped; return its pid and the write end of its lifeline pipe (None if
+    it could not start: heartbeats then come from the control thread alone, which needs the
+    GIL)."""
+    read_end, write_end = os.pipe()  # both close on exec: only this process holds write_end
+    argv = [sys.executable, "-I", "-S", "-c", _PULSE_CODE, PULSE_MARKER, str(os.getpid()),
+            repr(interval)]
+    try:
+        if not sys.executable:
+            raise OSError("sys.executable is empty")
+        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, control_fd, 3), (os.POSIX_SPAWN_DUP2, read_end, 4)])
+    except OSError as exc:
+        os.close(write_end)
+        logger.warning("%s: could not start its heartbeat process (%s); a task that holds the "
+                       "GIL longer than heartbeat_timeout will be taken for a lost worker",
+                       where, exc)
+        return None
+    finally:
+        os.close(read_end)
+    return pid, write_end
+
+
+def _stack_dump() -> bytes:
+    """Every thread's stack, innermost call first, in faulthandler's text layout (ASCII, no NUL
+    or ACK_MARK byte). Taken with the GIL held, through sys._current_frames(), which is safe
+    where faulthandler's reading of running threads is not."""
+    lines = []
+    for ident, top in sys._current_frames().items():
+        lines.append(f"Thread 0x{ident:016x} (most recent call first):")
+        depth = 0
+        frame: types.FrameType | None = top
+        while frame is not None and depth < 100:
+            code = frame.f_code
+            line = frame.f_lineno if frame.f_lineno is not None else "???"
+            lines.append(f'  File "{code.co_filename}", line {line} in {code.co_name}')
+            frame = frame.f_back
+            depth += 1
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    return text.encode("ascii", "backslashreplace").replace(b"\0", b"?").replace(
+        protocol.ACK_MARK, b"?")
 
 
 def _flush_std_streams() -> None:

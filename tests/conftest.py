@@ -23,7 +23,8 @@ def worker_children() -> list[psutil.Process]:
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "distexec.worker" in " ".join(child.cmdline()):
+            cmdline = " ".join(child.cmdline())
+            if "distexec.worker" in cmdline or "distexec-pulse" in cmdline:
                 out.append(child)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass

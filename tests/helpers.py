@@ -160,6 +160,24 @@ def hold_gil(seconds: float) -> int:
     return os.getpid()
 
 
+def churn_threads(rounds: int) -> int:
+    """Task: start and join short-lived threads and push deep Python call stacks, ``rounds``
+    times; the mix under which reading other threads' frames without the GIL (as faulthandler's
+    watchdog does) crashes a process. Returns the worker's pid."""
+    import threading
+
+    def down(n: int) -> int:
+        return n if n < 1 else down(n - 1)
+
+    for _ in range(rounds):
+        thread = threading.Thread(target=down, args=(20,))
+        thread.start()
+        thread.join()
+        for _ in range(100):
+            down(30)
+    return os.getpid()
+
+
 def crash_once(marker: str, value: object) -> object:
     """Task: the first attempt kills its worker (and leaves a marker); a retry returns value."""
     if not os.path.exists(marker):

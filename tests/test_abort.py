@@ -98,7 +98,7 @@ def test_time_limit_fails_the_task_with_where_it_was_and_does_not_retry():
         assert isinstance(err, TimeoutError)
         text = str(err)
         assert "exceeded its time limit of 0.5 s" in text and "wait_gate" in text
-        assert "helpers.py" in text  # the line it was stuck at, from the last heartbeat dump
+        assert "helpers.py" in text  # the line it was stuck at, from the stack dump it sent
         assert wait_for_pid_gone(pid, 10)
         assert gate.arrived == 1  # not retried
         assert ex.submit(square, 5).result() == 25  # a replacement worker serves

@@ -328,6 +328,11 @@ def test_abort_on_a_hand_worker_restarts_it_in_place(hand_workers):
         assert ex.submit(getpid).result(timeout=30) == proc.pid
         assert ex.submit(square, 6).result(timeout=30) == 36
         assert future.cancelled()
+        # The old heartbeat process was collected before the re-exec: one live pulse process,
+        # no zombie left behind by each restart.
+        kids = psutil.Process(proc.pid).children()
+        assert [k.status() != psutil.STATUS_ZOMBIE and "distexec-pulse" in k.cmdline()
+                for k in kids] == [True]
     assert proc.wait(20) == 0
 
 

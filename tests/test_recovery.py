@@ -20,6 +20,7 @@ from distexec import DistributedExecutor, LostAttempt, WorkerLostError
 from helpers import (
     Gate,
     LogWatch,
+    churn_threads,
     crash_once,
     getpid,
     hold_gil,
@@ -148,8 +149,8 @@ def test_frozen_local_worker_is_declared_lost_killed_and_its_task_rerun():
 
 
 def test_a_task_holding_the_gil_past_the_heartbeat_timeout_is_not_lost():
-    """Busy is not dead: heartbeats come from faulthandler's native watchdog thread, which runs
-    while a C call holds the GIL (ctypes.PyDLL), when no Python thread of the worker can."""
+    """Busy is not dead: heartbeats come from the worker's pulse process, which beats while a
+    C call holds the worker's GIL (ctypes.PyDLL), when no Python thread of the worker can."""
     timeout = 0.5
     with LogWatch() as log, DistributedExecutor(max_workers=1, heartbeat_timeout=timeout) as ex:
         before = ex.submit(getpid).result()
@@ -160,9 +161,16 @@ def test_a_task_holding_the_gil_past_the_heartbeat_timeout_is_not_lost():
         assert not log.matching("lost worker")
 
 
-@pytest.mark.skip(reason="open defect (issue 11): on a loaded 2-core CI machine a hand worker "
-                  "resumed with SIGCONT after being declared lost sometimes neither sends its late "
-                  "result nor leaves, and shutdown() then waits for it; passes when run alone")
+def test_heartbeats_never_crash_a_worker_that_starts_threads():
+    # Regression: heartbeats came from faulthandler's watchdog, which reads every thread's
+    # frames without the GIL; with threads starting and ending it segfaulted the worker within
+    # seconds at this interval (CPython gh-116008), so the task was lost over and over.
+    with LogWatch() as log, DistributedExecutor(max_workers=1, heartbeat_timeout=0.25) as ex:
+        pid = ex.submit(getpid).result()
+        assert ex.submit(churn_threads, 3000).result(timeout=60) == pid
+        assert not log.matching("lost worker")
+
+
 def test_frozen_hand_worker_comes_back_and_its_late_result_is_dropped(hand_workers):
     with LogWatch() as log, DistributedExecutor(
             max_workers=0, listen="127.0.0.1:0", heartbeat_timeout=1.0) as ex, Gate() as gate:
