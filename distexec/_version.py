@@ -3,7 +3,7 @@
 import os
 import sys
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def installed_version(name: str) -> str:

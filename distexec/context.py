@@ -171,6 +171,12 @@ class TaskExecutor(Executor):
                 f"the child task {name} could not be pickled: {type(exc).__name__}: "
                 f"{serialization.safe_str(exc)}. Pass a module-level function (or one cloudpickle "
                 "can pickle by value) and picklable arguments") from exc
+        size = len(fn_data) + len(payload) + sum(memoryview(b).nbytes for b in oob)
+        limit = self._worker.max_message_size
+        if size > limit:
+            from .errors import too_large
+
+            raise too_large(f"the child task {name}: its function and arguments", size, limit)
         future = _ChildFuture(self._worker)
         client = self._worker.client()
         future._req_id = client.request(protocol.SUBMIT, (fn_data, name, self._options),

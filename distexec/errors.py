@@ -169,6 +169,42 @@ class TaskPicklingError(DistexecError, pickle.PicklingError):
     """
 
 
+class MessageTooLargeError(DistexecError, ValueError):
+    """A task's function and arguments, its result, its exception, a child task or shared
+    data would make a message larger than the executor's ``max_message_size``.
+
+    It is raised (or fails the one future concerned) where the message is made, before
+    anything is sent: the executor and its workers are unaffected. ``size`` and ``limit`` are
+    in bytes. Raise ``max_message_size=`` on :class:`~distexec.DistributedExecutor`, or move the
+    data another way (a file or object store the workers read, or smaller pieces).
+    """
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.size, self.limit))
+
+
+def too_large(what: str, size: int, limit: int) -> MessageTooLargeError:
+    """The error for ``what`` (e.g. "the result of task 3 (f)") being ``size`` bytes."""
+    return MessageTooLargeError(
+        f"{what} is {_size(size)} pickled, more than the limit of {_size(limit)} set by "
+        f"max_message_size={limit}. Raise max_message_size= on DistributedExecutor (every "
+        "message of that size is held in memory on both sides), or move the data another "
+        "way: a file or object store that the workers read, or smaller pieces",
+        size, limit)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
 class TaskUnpicklingError(DistexecError, pickle.UnpicklingError):
     """A task's result could not be unpickled in the calling process.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 from . import protocol, serialization
-from .errors import BrokenDistributedExecutor, TaskPicklingError
+from .errors import BrokenDistributedExecutor, TaskPicklingError, too_large
 from .manager import (
     CMD_ABORT,
     CMD_BARRIER,
@@ -301,7 +301,10 @@ class DistributedExecutor(Executor):
             the same Python minor version and the same cloudpickle and distexec versions.
         worker_start_timeout: seconds a worker may take to start and connect before it is
             considered failed.
-        max_message_size: largest message, in bytes, accepted from a worker.
+        max_message_size: largest payload of one message, in bytes, in either direction (a
+            task's function and arguments, a result, an exception, shared data). A bigger one
+            fails its own future with :class:`~distexec.MessageTooLargeError` before it is
+            sent. Default 16 GiB.
         max_retries: how many times a task may be re-run because the worker running it was
             lost; one more loss fails it with :class:`~distexec.WorkerLostError` listing every
             attempt. Tasks a lost worker held but had not started are always re-run.
@@ -917,6 +920,7 @@ class DistributedExecutor(Executor):
         Raises:
             TypeError: ``name`` is not a string.
             TaskPicklingError: ``value`` cannot be pickled.
+            MessageTooLargeError: ``value`` pickles to more than ``max_message_size``.
             RuntimeError: the executor was shut down.
         """
         if not isinstance(name, str):
@@ -927,6 +931,9 @@ class DistributedExecutor(Executor):
             raise TaskPicklingError(
                 f"shared data {name!r} could not be pickled: {type(exc).__name__}: "
                 f"{serialization.safe_str(exc)}") from exc
+        size = len(payload) + sum(memoryview(b).nbytes for b in oob)
+        if size > self._config.max_message_size:
+            raise too_large(f"shared data {name!r}", size, self._config.max_message_size)
         # A snapshot: the caller may change the object (an array, say) afterwards.
         snapshot: list[Any] = [bytes(b) for b in oob]
         self.start()

@@ -84,6 +84,7 @@ from .errors import (
     TaskTimeoutError,
     TaskUnpicklingError,
     WorkerLostError,
+    too_large,
 )
 from .launchers.local import LocalLauncher, LocalProcess
 from .scheduler import (
@@ -106,12 +107,33 @@ logger = logging.getLogger(__name__)
 
 # A connection must complete the handshake within this many seconds or it is dropped.
 HANDSHAKE_TIMEOUT = 10.0
+# Connections still in their handshake (not yet proven to hold the key). When a new one would
+# exceed this, the oldest is dropped: a real worker completes its handshake in one round trip,
+# so only a peer that stalls loses its place. Each costs about 1 KiB here until it completes,
+# closes or times out.
+MAX_PENDING_HANDSHAKES = 256
+# Refused connections are logged individually up to this many per REFUSAL_LOG_WINDOW seconds,
+# then counted and summarised, so that a flood of junk cannot flood the log.
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 10.0
+# Accepting failed for lack of file descriptors or memory: stop accepting for this long.
+ACCEPT_PAUSE = 0.1
 # After a worker's connection drops, how long to wait for its exit status before killing it.
 EXIT_GRACE = 2.0
 # After SHUTDOWN, how long a worker may take to exit before it is killed.
 SHUTDOWN_GRACE = 5.0
 # Consecutive workers that fail to start (no READY in between) before the executor breaks.
+# Only deterministic failures count: the worker reported its own start-up error, exited by
+# itself, crashed (SIGSEGV and the like) or timed out. A worker killed from outside while it
+# started (SIGKILL from the OOM killer or an operator, SIGTERM, ...) is replaced after a
+# growing pause instead (see _killed_from_outside).
 START_FAILURE_LIMIT = 3
+# Signals a process raises against itself when it fails: a death by one of these during start-up
+# is the worker's own failure. Any other signal came from outside.
+_SELF_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT",
+                                       "SIGSYS", "SIGTRAP", "SIGXCPU", "SIGXFSZ")
+    if hasattr(signal, name))
 # Replacing workers that keep dying: losses in a row (no task finished in between) that are
 # replaced at once; after that the delay doubles from RESTART_BACKOFF up to RESTART_BACKOFF_MAX.
 RESTART_FREE = 2
@@ -250,13 +272,15 @@ class _Conn:
     __slots__ = ("sock", "peer", "open", "hs_buf", "nonce_m", "decoder", "out", "worker_id",
                  "want_write", "close_after_flush", "slot", "control", "client", "children")
 
-    def __init__(self, sock: socket.socket, peer: str, max_message_size: int) -> None:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
         self.open = False  # handshake completed
         self.hs_buf = bytearray()
         self.nonce_m = protocol.new_nonce()
-        self.decoder = protocol.FrameDecoder(max_message_size)
+        # The frame decoder (and its buffer) exists only once the peer has proven it holds the
+        # key: before that a connection costs a few hundred bytes (see _opened).
+        self.decoder: protocol.FrameDecoder | None = None
         self.out = protocol.OutQueue()
         self.worker_id: int | None = None
         self.want_write = False
@@ -273,7 +297,7 @@ class _Slot:
     __slots__ = ("worker_id", "conn", "proc", "shutdown_sent", "known_fns", "exited",
                  "fail_reason", "disconnect_reason", "ctrl", "last_seen", "lost_reason",
                  "stopping", "retiring", "dump", "main_thread", "zombie", "lost_at",
-                 "on_dump", "abort_pending", "limit", "limit_timer", "client")
+                 "on_dump", "abort_pending", "limit", "limit_timer", "client", "bad_frame")
 
     def __init__(self, worker_id: int, proc: LocalProcess | SSHProcess | None) -> None:
         self.worker_id = worker_id
@@ -298,6 +322,7 @@ class _Slot:
         self.limit: tuple[int, int, float] | None = None  # time-limited task, its deadline
         self.limit_timer = False  # a deadline entry for `limit` is in the heap
         self.client: _Conn | None = None  # the client connection, if its tasks opened one
+        self.bad_frame = False  # dropped for a frame we could not take: charge a task
 
     def main_stack(self) -> str | None:
         """The worker's main-thread stack from its newest complete dump, or None."""
@@ -360,10 +385,17 @@ class Manager:
         self._closing = False  # shutdown requested: finish the work, then stop
         self._terminating = False  # stop now
         self._start_failures = 0
+        self._interrupted_starts = 0  # starting workers killed from outside, in a row
         self._last_start_failure = ""
         self._exit_events: deque[Any] = deque()  # from reaper threads and SSH hosts
         self._target = config.max_workers  # local workers wanted (resize() changes it)
         self._zombies: dict[int, _Slot] = {}
+        # Connections in their handshake -> deadline (accept order is deadline order).
+        self._handshaking: dict[_Conn, float] = {}
+        self._handshake_timer = False
+        self._refusals_window_end = 0.0
+        self._refusals_logged = 0
+        self._refusals_unlogged = 0
         self._crash_streak = 0  # workers lost in a row with no task finishing in between
         self._launch_not_before = 0.0  # restart backoff
         self._launch_timer = False  # a deadline to call _ensure_workers is pending
@@ -660,6 +692,22 @@ class Manager:
         if slot.proc is not None:
             slot.proc.kill()
 
+    @staticmethod
+    def _killed_from_outside(slot: _Slot, exitcode: int | None) -> bool:
+        """A worker that died starting up by a signal it did not raise itself, and that we did
+        not kill (timeouts and refusals set fail_reason): no evidence of a broken setup."""
+        return (slot.fail_reason is None and slot.lost_reason is None and exitcode is not None
+                and exitcode < 0 and -exitcode not in _SELF_SIGNALS)
+
+    def _start_interrupted(self, reason: str) -> None:
+        """A starting worker was killed from outside: start another, after a growing pause
+        (0.1 s, 0.2 s, ... up to RESTART_BACKOFF_MAX) while it keeps happening."""
+        self._interrupted_starts += 1
+        delay = min(RESTART_BACKOFF * 2 ** (self._interrupted_starts - 1), RESTART_BACKOFF_MAX)
+        self._launch_not_before = max(self._launch_not_before, time.monotonic() + delay)
+        logger.warning("%s; killed from outside, so not counted as a failed start: starting "
+                       "another in %.1f s", reason, delay)
+
     def _start_failed(self, reason: str, origin: str = "local") -> None:
         logger.warning("%s", reason)
         if origin != "local":
@@ -762,17 +810,34 @@ class Manager:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                logger.warning("accept failed: %s", exc)
+                # Out of file descriptors or memory: the listener stays readable, so pause
+                # instead of spinning, and make room by dropping the oldest handshake.
+                self._log_refusal("accepting a connection failed: %s; not accepting for "
+                                  "%g s", exc, ACCEPT_PAUSE)
+                if self._handshaking:
+                    self._reject(next(iter(self._handshaking)),
+                                 "dropped to make room for new connections")
+                try:
+                    self._selector.unregister(self.listener)
+                except (KeyError, ValueError):
+                    return
+                self._at(time.monotonic() + ACCEPT_PAUSE, self._resume_accepting)
                 return
             conn_sock.setblocking(False)
             conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol.set_keepalive(conn_sock)
-            conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}", self.config.max_message_size)
+            conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}")
+            if len(self._handshaking) >= MAX_PENDING_HANDSHAKES:
+                oldest = next(iter(self._handshaking))
+                self._reject(oldest, f"{MAX_PENDING_HANDSHAKES} connections were waiting to "
+                                     "complete their handshake; dropped the oldest")
             self._conns.add(conn)
             self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
+            self._handshaking[conn] = time.monotonic() + HANDSHAKE_TIMEOUT
+            if not self._handshake_timer:
+                self._handshake_timer = True
+                self._at(self._handshaking[conn], self._expire_handshakes)
             self._send_raw(conn, [protocol.make_hello(conn.nonce_m)])
-            deadline_at = time.monotonic() + HANDSHAKE_TIMEOUT
-            self._at(deadline_at, partial(self._handshake_timeout, conn))
 
     def _io_handler(self, conn: _Conn) -> Callable[[Any, int], None]:
         def handler(sock: Any, mask: int) -> None:
@@ -787,18 +852,60 @@ class Manager:
                     self._read_frames(conn)
         return handler
 
-    def _handshake_timeout(self, conn: _Conn) -> None:
-        if conn in self._conns and not conn.open:
-            self._reject(conn, "no complete handshake within "
-                               f"{HANDSHAKE_TIMEOUT:g} s")
+    def _resume_accepting(self) -> None:
+        if self._terminating or self.listener.fileno() < 0:
+            return
+        try:
+            self._selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        except KeyError:
+            pass  # registered already
+
+    def _expire_handshakes(self) -> None:
+        """Drop the connections whose handshake is overdue (they are in deadline order)."""
+        self._handshake_timer = False
+        now = time.monotonic()
+        while self._handshaking:
+            conn, deadline = next(iter(self._handshaking.items()))
+            if deadline > now:
+                self._handshake_timer = True
+                self._at(deadline, self._expire_handshakes)
+                return
+            self._reject(conn, f"no complete handshake within {HANDSHAKE_TIMEOUT:g} s")
+
+    def _opened(self, conn: _Conn) -> None:
+        """The peer proved it holds the key: from now on it speaks frames."""
+        self._handshaking.pop(conn, None)
+        conn.open = True
+        conn.hs_buf = bytearray()
+        if not conn.control:
+            conn.decoder = protocol.FrameDecoder(self.config.max_message_size
+                                                 + protocol.FRAME_OVERHEAD)
+
+    def _log_refusal(self, msg: str, *args: Any) -> None:
+        """Log a refused connection, at most REFUSAL_LOG_BURST times per window."""
+        now = time.monotonic()
+        if now >= self._refusals_window_end:
+            if self._refusals_unlogged:
+                logger.warning("refused %d more connection(s) in the last %g s without "
+                               "logging each", self._refusals_unlogged, REFUSAL_LOG_WINDOW)
+            self._refusals_window_end = now + REFUSAL_LOG_WINDOW
+            self._refusals_logged = 0
+            self._refusals_unlogged = 0
+        if self._refusals_logged < REFUSAL_LOG_BURST:
+            self._refusals_logged += 1
+            logger.warning(msg, *args)
+        else:
+            self._refusals_unlogged += 1
 
     def _reject(self, conn: _Conn, reason: str) -> None:
-        logger.warning("refused connection from %s: %s", conn.peer, reason)
+        self._log_refusal("refused connection from %s: %s", conn.peer, reason)
         self._close(conn)
 
     def _read_handshake(self, conn: _Conn) -> None:
         try:
-            data = conn.sock.recv(65536)
+            # Never more than the handshake can hold: header plus the largest info.
+            data = conn.sock.recv(protocol.AUTH.size + protocol.MAX_HANDSHAKE_JSON + 1
+                                  - len(conn.hs_buf))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -834,7 +941,9 @@ class Manager:
         self._accept_worker(conn, info, header.nonce_w)
 
     def _refuse(self, conn: _Conn, status: int, reason: str, nonce_w: bytes) -> None:
-        logger.warning("refused connection from %s: %s", conn.peer, reason)
+        # It answered the handshake: no longer pending, whatever happens to its reply.
+        self._handshaking.pop(conn, None)
+        self._log_refusal("refused connection from %s: %s", conn.peer, reason)
         self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w, status,
                                                     {"error": reason})])
         conn.close_after_flush = True
@@ -922,7 +1031,7 @@ class Manager:
         slot.conn = conn
         conn.worker_id = slot.worker_id
         conn.slot = slot
-        conn.open = True
+        self._opened(conn)
         slot.last_seen = now
         timeout = self.config.heartbeat_timeout
         if timeout is not None:
@@ -939,6 +1048,7 @@ class Manager:
             "initializer": self.config.initializer,
             "resources": record.pool.describe() if record.pool is not None else {},
             "origin": record.origin,
+            "max_message_size": self.config.max_message_size,
         }
         self._send_raw(conn, protocol.encode_frame(protocol.CONFIG, (config,)))
         logger.debug("worker %d connected from %s (pid %s)", slot.worker_id, conn.peer,
@@ -957,7 +1067,7 @@ class Manager:
         conn.slot = slot
         conn.client = True
         conn.children = {}
-        conn.open = True
+        self._opened(conn)
         if slot.client is not None and slot.client is not conn:
             self._close(slot.client)
             self._client_closed(slot.client, "replaced by a new client connection")
@@ -968,6 +1078,7 @@ class Manager:
 
     def _answer_status(self, conn: _Conn, nonce_w: bytes) -> None:
         """A ``distexec status`` client proved it holds the key: one STATUS frame, then close."""
+        self._handshaking.pop(conn, None)
         self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
                                                     protocol.STATUS_OK, {})])
         if conn in self._conns:
@@ -1011,7 +1122,7 @@ class Manager:
         conn.worker_id = slot.worker_id
         conn.slot = slot
         conn.control = True
-        conn.open = True
+        self._opened(conn)
         main_thread = info.get("main_thread")
         slot.main_thread = main_thread if isinstance(main_thread, int) else None
         self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
@@ -1165,7 +1276,7 @@ class Manager:
         budget = READ_BUDGET
         decoder = conn.decoder
         slot = conn.slot
-        assert slot is not None
+        assert slot is not None and decoder is not None
         while budget > 0:
             try:
                 n = conn.sock.recv_into(decoder.recv_buffer())
@@ -1181,10 +1292,15 @@ class Manager:
             budget -= n
             try:
                 frames = decoder.feed(n)
-            except ProtocolError as exc:
-                logger.error("worker %s sent a bad frame (%s); dropping its connection",
-                             conn.worker_id, exc)
-                self._disconnected(conn, f"protocol error: {exc}")
+            except (ProtocolError, MemoryError) as exc:
+                what = (str(exc) if type(exc) is not MemoryError else
+                        "not enough memory for the frame it announced")
+                logger.error("worker %s sent a frame that cannot be taken (%s); dropping its "
+                             "connection", conn.worker_id, what)
+                # Its next result was in that frame: the loss is charged to that task, so a
+                # result that cannot be taken fails its task after max_retries, not loops.
+                slot.bad_frame = True
+                self._disconnected(conn, f"protocol error: {what}")
                 return
             for frame in frames:
                 if slot.zombie:
@@ -1208,6 +1324,7 @@ class Manager:
                 self._sched.worker_ready(worker_id)
                 if record.origin == "local":
                     self._start_failures = 0
+                    self._interrupted_starts = 0
                 else:
                     self._host_failures.pop(record.origin, None)
                 logger.info("worker %d ready (pid %s on %s)", worker_id, record.pid, record.host)
@@ -1622,6 +1739,7 @@ class Manager:
         if conn not in self._conns:
             return
         self._conns.discard(conn)
+        self._handshaking.pop(conn, None)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -1854,7 +1972,17 @@ class Manager:
         forget: list[int] = []
         items: list[Any] = []
         buffers: list[Any] = []
+        limit = self.config.max_message_size
+        batch_bytes = 0  # payload bytes of the frame being built
+
+        def send_batch() -> None:
+            nonlocal defs, forget, items, buffers, batch_bytes
+            self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items),
+                                                       buffers))
+            defs, forget, items, buffers, batch_bytes = [], [], [], [], 0
+
         for task in tasks:
+            first_def = len(defs)
             try:
                 fn_id = self._function(task, slot, defs, forget)
             except BaseException as exc:
@@ -1876,25 +2004,44 @@ class Manager:
                 except _CannotTravel as exc:
                     self._unpicklable(task, "its arguments", exc)
                     continue
+            size = (sum(len(d[1]) for d in defs[first_def:]) + len(payload)
+                    + sum(memoryview(b).nbytes for b in oob))
+            if size > limit:
+                # The function's definitions added for it go too: the worker will not learn it.
+                for fid, _, _ in defs[first_def:]:
+                    slot.known_fns.pop(fid, None)
+                del defs[first_def:]
+                self._too_large(task, size)
+                continue
+            if items and (batch_bytes + size > limit
+                          or len(buffers) + len(oob) > protocol.MAX_BUFFERS - 64):
+                new_defs = defs[first_def:]
+                del defs[first_def:]
+                send_batch()
+                defs = new_defs
+            batch_bytes += size
             if len(payload) > INLINE_LIMIT:
                 items.append((task.id, task.attempt, fn_id, int(task.kind), None, len(oob) + 1))
                 buffers.append(payload)
             else:
                 items.append((task.id, task.attempt, fn_id, int(task.kind), payload, len(oob)))
             buffers.extend(oob)
-            if len(buffers) > protocol.MAX_BUFFERS - 64:
-                self._send_raw(conn, protocol.encode_frame(protocol.TASKS, (defs, forget, items),
-                                                       buffers))
-                defs, forget, items, buffers = [], [], [], []
         if claim_id is not None:  # a child task, to run inside its waiting parent
             if items:
                 self._send_raw(conn, protocol.encode_frame(protocol.RUN,
                                                            (claim_id, defs, items), buffers))
-            else:  # it could not be pickled (its future says so): nothing to run
+            else:  # it could not be sent (its future says why): nothing to run
                 self._reply(conn, claim_id, False, "the task could not be sent")
         elif items or forget or defs:
-            meta = (defs, forget, items)
-            self._send_raw(conn, protocol.encode_frame(protocol.TASKS, meta, buffers))
+            send_batch()
+
+    def _too_large(self, task: Task, size: int) -> None:
+        name = serialization.describe_callable(task.fn)
+        err = too_large(f"task {task.id} ({name}): its function and arguments", size,
+                        self.config.max_message_size)
+        logger.debug("task %d not sent: %s", task.id, err)
+        self._sched.fail_task(task)
+        _settle(task.future, False, err)
 
     def _check_remote(self, data: Any, obj: Any, slot: _Slot) -> None:
         """Raise _CannotTravel if ``obj`` (pickled as ``data``, which mentions
@@ -2123,7 +2270,10 @@ class Manager:
                 reason = (f"{slot.fail_reason} ({what})" if slot.fail_reason else
                           slot.lost_reason or
                           f"worker {slot.worker_id} (pid {record.pid}) exited {stage}: {what}")
-                self._start_failed(reason, record.origin)
+                if record.origin == "local" and self._killed_from_outside(slot, exitcode):
+                    self._start_interrupted(reason)
+                else:
+                    self._start_failed(reason, record.origin)
         elif clean:
             if record.state is not WorkerState.GONE:
                 if record.state is not WorkerState.DRAINING:
@@ -2167,6 +2317,8 @@ class Manager:
         held = self._sched.worker_lost(slot.worker_id)
         if slot.lost_reason:
             what = slot.lost_reason + ("; it was killed" if slot.proc is not None else "")
+        elif slot.bad_frame and slot.disconnect_reason:
+            what = slot.disconnect_reason
         elif slot.stopping and slot.fail_reason:
             what = slot.fail_reason
         elif slot.proc is not None:
@@ -2175,6 +2327,8 @@ class Manager:
             what = slot.fail_reason or slot.disconnect_reason or "connection lost"
         # A worker we stopped to abort a task (already settled) charges nobody for its death.
         culprit = None if slot.stopping else self._running_task(slot, held)
+        if culprit is None and slot.bad_frame and held:
+            culprit = held[0]  # results come back in order: its result was in the bad frame
         quiet = slot.stopping or (not held and self._closing)
         logger.log(logging.INFO if quiet else logging.WARNING, "lost %s: %s%s",
                    record.describe(), what,

@@ -304,9 +304,14 @@ def verify_welcome(
 # ---------------------------------------------------------------------------- frames
 FRAME_HEADER = struct.Struct("!BBHI")
 MAX_BUFFERS = 4096
-# Default cap on one frame (meta plus buffers). Large enough for any sensible argument; a bigger
-# claim is a corrupted stream or a hostile peer and must not make us allocate.
+# Default cap on one message's payload: a task's function and arguments, a result, shared data.
+# Senders check it before sending (MessageTooLargeError); a receiver refuses a frame that claims
+# more than the cap plus FRAME_OVERHEAD, which only a corrupted stream or a broken peer sends.
+# Only authenticated peers get this far: before the handshake a connection may send at most
+# AUTH.size + MAX_HANDSHAKE_JSON bytes.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024**3
+# Room for a frame's bookkeeping around its payload (task ids, option tuples, small inline items).
+FRAME_OVERHEAD = 1024 * 1024
 
 CONFIG = 1
 TASKS = 2

@@ -65,7 +65,7 @@ from typing import Any
 
 from . import context, protocol, serialization
 from ._version import __version__, installed_version
-from .errors import HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError
+from .errors import HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError, too_large
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ class Worker:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.decoder = protocol.FrameDecoder()
+        # The executor's max_message_size (from CONFIG): no message we send may carry more.
+        self.max_message_size = protocol.DEFAULT_MAX_MESSAGE_SIZE
         self.frames: deque[protocol.Frame] = deque()
         self.send_lock = threading.RLock()  # taken before out_cond when both are needed
         # Guards the outbox; the flusher thread waits on it (see flusher()).
@@ -288,6 +290,9 @@ class Worker:
             self.send(protocol.RESULTS, (box.items,), box.buffers)
 
     def add_result(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
+        box = self.outbox  # only this thread adds; the flusher may swap it for an empty one
+        if box.items and box.nbytes + nbytes > self.max_message_size:
+            self.flush()  # one batch must stay within the limit
         with self.out_cond:
             self.outbox.add(item, buffers, nbytes)
 
@@ -331,6 +336,10 @@ class Worker:
         if frame.kind != protocol.CONFIG:
             raise ProtocolError(f"expected CONFIG, got {protocol.KIND_NAMES[frame.kind]}")
         config: dict[str, Any] = frame.meta[0]
+        limit = config.get("max_message_size")
+        if isinstance(limit, int):
+            self.max_message_size = limit
+            self.decoder.max_message_size = limit + protocol.FRAME_OVERHEAD
         self.origin = str(config.get("origin", self.origin))
         self.resources = dict(config.get("resources") or {})
         context._worker = self
@@ -490,6 +499,12 @@ class Worker:
             self.report_error(task_id, attempt, err, duration, None)
             return
         inline, bufs, size = _pack(data, bufs)
+        if size > self.max_message_size:
+            del data, bufs, inline
+            self.report_error(task_id, attempt, too_large(
+                f"the result of task {task_id} ({serialization.describe_callable(fn)})", size,
+                self.max_message_size), duration, None)
+            return
         self.add_result((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
 
     # -- what tasks ask for (distexec.context), on the client connection ---------------------
@@ -670,6 +685,12 @@ class Worker:
         self, task_id: int, attempt: int, exc: BaseException, duration: float, note: str | None
     ) -> None:
         data, type_name, message, text = serialization.dumps_exception(exc, note)
+        if len(data) + len(text) > self.max_message_size:
+            # An exception that carries too much data: send what it says, not what it holds.
+            summary = too_large(f"the {type_name} raised by task {task_id} "
+                                f"({message[:80]!r})", len(data) + len(text),
+                                self.max_message_size)
+            data, type_name, message, text = serialization.dumps_exception(summary, note)
         inline, bufs, size = _pack(data, [])
         self.add_result(
             (task_id, attempt, False, inline, len(bufs), duration, (type_name, message, text)),
