@@ -16,6 +16,13 @@ chaos
     N tasks of about 1 ms while a busy worker is SIGKILLed every N/20 completions (progress
     driven, no timers): throughput relative to the same run without kills, and every result
     checked. ProcessPoolExecutor cannot run this case: its first kill breaks it.
+kills
+    N tasks of about 1 ms (10,000 by default: ``--kill-n``) while a timer SIGKILLs a random
+    live worker every 100 ms and every 500 ms, whatever it is doing (starting, idle, busy):
+    futures completed and failed, re-executions (tasks re-run because their worker died under
+    them, counted from the executor's log) and wall time against the same run without kills.
+    Before 0.6 a kill every 100 ms broke the executor (kills during start-up counted as failed
+    starts).
 freeze
     A worker running a task is stopped with SIGSTOP; the time until the task has started again
     on another worker (heartbeat_timeout 1 s and 2 s). The expected value is about the timeout.
@@ -172,6 +179,63 @@ def case_chaos(n, rep):
     return out
 
 
+def case_kills(n, interval):
+    """N short tasks while a random live worker is SIGKILLed every ``interval`` seconds."""
+    import random
+
+    import psutil
+
+    from distexec import DistributedExecutor
+
+    t = _tasks()
+    rng = random.Random(0)
+    counter = _Counter("will run again")  # one warning per task re-run after a loss
+    log = logging.getLogger("distexec")
+    log.addHandler(counter)
+    try:
+        with DistributedExecutor(max_workers=2) as ex:
+            ex.wait_for_workers(2, timeout=60)
+            list(ex.map(t.spin, range(50)))
+            counter.count = 0
+            stop = threading.Event()
+            kills = [0]
+
+            def killer() -> None:
+                me = psutil.Process()
+                while not stop.wait(interval):
+                    workers = [p for p in me.children()
+                               if "distexec.worker" in " ".join(p.cmdline())]
+                    if workers:
+                        try:
+                            rng.choice(workers).kill()
+                            kills[0] += 1
+                        except psutil.NoSuchProcess:
+                            pass
+
+            start = time.perf_counter()
+            futures = [ex.submit(t.spin, i) for i in range(n)]
+            thread = threading.Thread(target=killer, daemon=True)
+            if interval:
+                thread.start()
+            completed = failed = 0
+            for i, f in enumerate(futures):
+                try:
+                    assert f.result(timeout=3600) == i
+                    completed += 1
+                except Exception:
+                    failed += 1
+            wall = time.perf_counter() - start
+            stop.set()
+            if interval:
+                thread.join()
+    finally:
+        log.removeHandler(counter)
+    name = f"{int(interval * 1000)}ms" if interval else "none"
+    return {f"kills_{name}_completed": completed, f"kills_{name}_failed": failed,
+            f"kills_{name}_reruns": counter.count, f"kills_{name}_kills": kills[0],
+            f"kills_{name}_wall_s": wall}
+
+
 def case_freeze(timeout):
     from distexec import DistributedExecutor
 
@@ -214,15 +278,37 @@ def case_gil():
     return {"gil_losses": counter.count}
 
 
+def _print_kills(m, n) -> None:
+    base = m["kills_none_wall_s"]
+    for name, label in (("none", "no kills"), ("500ms", "a kill every 500 ms"),
+                        ("100ms", "a kill every 100 ms")):
+        print(f"kills:  {label}: {m[f'kills_{name}_completed']:.0f} of {n} completed, "
+              f"{m[f'kills_{name}_failed']:.0f} failed, {m[f'kills_{name}_reruns']:.0f} "
+              f"re-executions, {m[f'kills_{name}_kills']:.0f} kills, "
+              f"{m[f'kills_{name}_wall_s']:.1f} s (x{m[f'kills_{name}_wall_s'] / base:.2f})")
+
+
 def main(argv=None) -> int:
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--n", type=int, default=2000, help="tasks per batch")
+    parser.add_argument("--kill-n", type=int, default=10000, help="tasks in the kills case")
+    parser.add_argument("--only", choices=["kills"], default=None,
+                        help="run only this case (once)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     runs: dict[str, list[float]] = {}
+    if args.only == "kills":
+        report = {}
+        for interval in (0.0, 0.5, 0.1):
+            report.update(case_kills(args.kill_n, interval))
+        _print_kills(report, args.kill_n)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+        return 0
     with tempfile.TemporaryDirectory() as scratch:
         for rep in range(args.repeat):
             results = {}
@@ -231,6 +317,9 @@ def main(argv=None) -> int:
             for timeout in (1.0, 2.0):
                 results.update(case_freeze(timeout))
             results.update(case_gil())
+            if rep == 0:  # long: once
+                for interval in (0.0, 0.5, 0.1):
+                    results.update(case_kills(args.kill_n, interval))
             for key, value in results.items():
                 runs.setdefault(key, []).append(float(value))
             sys.stderr.write(f"repetition {rep + 1}/{args.repeat} done\n")
@@ -252,6 +341,7 @@ def main(argv=None) -> int:
           f"{m['freeze_detect_2s']:.2f} s (2 s); ProcessPoolExecutor: never")
     print(f"gil:    workers declared lost while a task held the GIL 3 x the timeout: "
           f"{m['gil_losses']:.0f}")
+    _print_kills(m, args.kill_n)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"medians": medians, "runs": runs}, fh, indent=1)
