@@ -171,7 +171,7 @@ class TaskExecutor(Executor):
                 f"the child task {name} could not be pickled: {type(exc).__name__}: "
                 f"{serialization.safe_str(exc)}. Pass a module-level function (or one cloudpickle "
                 "can pickle by value) and picklable arguments") from exc
-        size = len(fn_data) + len(payload) + sum(memoryview(b).nbytes for b in oob)
+        size = len(fn_data) + serialization.nbytes(payload, oob)
         limit = self._worker.max_message_size
         if size > limit:
             from .errors import too_large

@@ -931,7 +931,7 @@ class DistributedExecutor(Executor):
             raise TaskPicklingError(
                 f"shared data {name!r} could not be pickled: {type(exc).__name__}: "
                 f"{serialization.safe_str(exc)}") from exc
-        size = len(payload) + sum(memoryview(b).nbytes for b in oob)
+        size = serialization.nbytes(payload, oob)
         if size > self._config.max_message_size:
             raise too_large(f"shared data {name!r}", size, self._config.max_message_size)
         # A snapshot: the caller may change the object (an array, say) afterwards.

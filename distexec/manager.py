@@ -139,6 +139,12 @@ _SELF_SIGNALS = frozenset(
 RESTART_FREE = 2
 RESTART_BACKOFF = 0.1
 RESTART_BACKOFF_MAX = 10.0
+
+
+def _backoff(n: int) -> float:
+    """The pause before the n-th retry in a row (n >= 1): 0.1 s, 0.2 s, ... up to 10 s."""
+    return min(RESTART_BACKOFF * 2.0 ** (n - 1), RESTART_BACKOFF_MAX)
+
 # Newest control-channel bytes kept per worker (the last stack dump, for time-limit errors).
 DUMP_KEEP = 32 * 1024
 # How long a task past its time limit may take to report its stack before it is stopped.
@@ -703,7 +709,7 @@ class Manager:
         """A starting worker was killed from outside: start another, after a growing pause
         (0.1 s, 0.2 s, ... up to RESTART_BACKOFF_MAX) while it keeps happening."""
         self._interrupted_starts += 1
-        delay = min(RESTART_BACKOFF * 2 ** (self._interrupted_starts - 1), RESTART_BACKOFF_MAX)
+        delay = _backoff(self._interrupted_starts)
         self._launch_not_before = max(self._launch_not_before, time.monotonic() + delay)
         logger.warning("%s; killed from outside, so not counted as a failed start: starting "
                        "another in %.1f s", reason, delay)
@@ -717,7 +723,7 @@ class Manager:
                 return
             if count < START_FAILURE_LIMIT:
                 # Try again on that host after a pause (0.1 s, 0.2 s, ...), not at once.
-                host.not_before = time.monotonic() + RESTART_BACKOFF * 2 ** (count - 1)
+                host.not_before = time.monotonic() + _backoff(count)
                 self._at(host.not_before, self._ensure_workers)
                 return
             live = self._active().get(origin, 0)
@@ -814,9 +820,7 @@ class Manager:
                 # instead of spinning, and make room by dropping the oldest handshake.
                 self._log_refusal("accepting a connection failed: %s; not accepting for "
                                   "%g s", exc, ACCEPT_PAUSE)
-                if self._handshaking:
-                    self._reject(next(iter(self._handshaking)),
-                                 "dropped to make room for new connections")
+                self._drop_oldest_handshake("dropped to make room for new connections")
                 try:
                     self._selector.unregister(self.listener)
                 except (KeyError, ValueError):
@@ -828,9 +832,8 @@ class Manager:
             protocol.set_keepalive(conn_sock)
             conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}")
             if len(self._handshaking) >= MAX_PENDING_HANDSHAKES:
-                oldest = next(iter(self._handshaking))
-                self._reject(oldest, f"{MAX_PENDING_HANDSHAKES} connections were waiting to "
-                                     "complete their handshake; dropped the oldest")
+                self._drop_oldest_handshake(f"{MAX_PENDING_HANDSHAKES} connections were waiting "
+                                            "to complete their handshake; dropped the oldest")
             self._conns.add(conn)
             self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
             self._handshaking[conn] = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -860,6 +863,10 @@ class Manager:
         except KeyError:
             pass  # registered already
 
+    def _drop_oldest_handshake(self, reason: str) -> None:
+        if self._handshaking:
+            self._reject(next(iter(self._handshaking)), reason)
+
     def _expire_handshakes(self) -> None:
         """Drop the connections whose handshake is overdue (they are in deadline order)."""
         self._handshake_timer = False
@@ -874,7 +881,6 @@ class Manager:
 
     def _opened(self, conn: _Conn) -> None:
         """The peer proved it holds the key: from now on it speaks frames."""
-        self._handshaking.pop(conn, None)
         conn.open = True
         conn.hs_buf = bytearray()
         if not conn.control:
@@ -928,6 +934,8 @@ class Manager:
                 return
             if len(buf) > need:
                 raise ProtocolError("it sent data before the handshake completed")
+            # Its handshake is complete, whatever the verdict: no longer pending.
+            self._handshaking.pop(conn, None)
             info = protocol.verify_auth(self.key, conn.nonce_m, header,
                                         bytes(buf[protocol.AUTH.size:need]))
         except HandshakeError as exc:
@@ -941,8 +949,6 @@ class Manager:
         self._accept_worker(conn, info, header.nonce_w)
 
     def _refuse(self, conn: _Conn, status: int, reason: str, nonce_w: bytes) -> None:
-        # It answered the handshake: no longer pending, whatever happens to its reply.
-        self._handshaking.pop(conn, None)
         self._log_refusal("refused connection from %s: %s", conn.peer, reason)
         self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w, status,
                                                     {"error": reason})])
@@ -1078,7 +1084,6 @@ class Manager:
 
     def _answer_status(self, conn: _Conn, nonce_w: bytes) -> None:
         """A ``distexec status`` client proved it holds the key: one STATUS frame, then close."""
-        self._handshaking.pop(conn, None)
         self._send_raw(conn, [protocol.make_welcome(self.key, conn.nonce_m, nonce_w,
                                                     protocol.STATUS_OK, {})])
         if conn in self._conns:
@@ -2004,8 +2009,7 @@ class Manager:
                 except _CannotTravel as exc:
                     self._unpicklable(task, "its arguments", exc)
                     continue
-            size = (sum(len(d[1]) for d in defs[first_def:]) + len(payload)
-                    + sum(memoryview(b).nbytes for b in oob))
+            size = sum(len(d[1]) for d in defs[first_def:]) + serialization.nbytes(payload, oob)
             if size > limit:
                 # The function's definitions added for it go too: the worker will not learn it.
                 for fid, _, _ in defs[first_def:]:
@@ -2372,8 +2376,7 @@ class Manager:
             # Workers that keep dying (no task finishing in between) are replaced ever slower.
             self._crash_streak += 1
             if self._crash_streak > RESTART_FREE:
-                delay = min(RESTART_BACKOFF * 2 ** (self._crash_streak - RESTART_FREE - 1),
-                            RESTART_BACKOFF_MAX)
+                delay = _backoff(self._crash_streak - RESTART_FREE)
                 self._launch_not_before = time.monotonic() + delay
                 logger.info("%d workers lost in a row; next replacement in %.2f s",
                             self._crash_streak, delay)

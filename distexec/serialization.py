@@ -118,6 +118,11 @@ def dumps(obj: Any, main_versions: MainVersions | None = None) -> Payload:
     return data, [b.raw() for b in buffers]
 
 
+def nbytes(data: Any, buffers: Any = ()) -> int:
+    """Bytes of a pickle and its out-of-band buffers: what a message carries for it."""
+    return len(data) + sum(memoryview(b).nbytes for b in buffers)
+
+
 def dumps_inband(obj: Any, main_versions: MainVersions | None = None) -> bytes:
     """Pickle ``obj`` into one byte string (used for functions and small control data); with
     ``main_versions``, the ``__main__`` globals it carries are versioned (see

@@ -185,7 +185,7 @@ class _Outbox:
 
 def _pack(payload: bytes, buffers: list[Any]) -> tuple[bytes | None, list[Any], int]:
     """Put a small payload inline; a large one becomes the first of the item's buffers."""
-    size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
+    size = serialization.nbytes(payload, buffers)
     if len(payload) <= INLINE_LIMIT:
         return payload, buffers, size
     return None, [payload, *buffers], size
