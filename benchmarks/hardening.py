@@ -19,7 +19,9 @@ payload
     One task that returns its argument (``bytes`` and, when NumPy is installed, a float64
     array), for 64 MiB and 1 GiB: round-trip throughput (payload bytes each way / wall time,
     median over the repetitions) and the caller's peak RSS above the input, measured for
-    distexec and for ProcessPoolExecutor (spawn) in the same run, with their ratio.
+    distexec, for ProcessPoolExecutor (spawn) and for a raw loopback TCP echo between two
+    Python processes (the machine's limit for this round trip), interleaved in the same run
+    after one untimed round, with distexec's ratio to each.
 """
 
 from __future__ import annotations
@@ -181,6 +183,66 @@ def _round_trip(ex, payload) -> tuple[float, int]:
     return wall, peak[0] - base
 
 
+def _echo_server(listener: socket.socket) -> None:
+    """Raw baseline (its own process): receive a length-prefixed message into new memory and
+    send it back, as a task returning its argument would, without any library in between."""
+    conn, _ = listener.accept()
+    with conn:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            (n,) = struct.unpack("!Q", head)
+            buf = bytearray(n)
+            view = memoryview(buf)
+            got = 0
+            while got < n:
+                got += conn.recv_into(view[got:])
+            conn.sendall(buf)
+            del view, buf
+
+
+class _RawEcho:
+    """Client of _echo_server: the round trip of the bytes over loopback TCP and nothing else."""
+
+    def __init__(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        ctx = multiprocessing.get_context("spawn")
+        self.proc = ctx.Process(target=_echo_server, args=(listener,), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(listener.getsockname())
+        listener.close()
+
+    def round_trip(self, data) -> bytearray:
+        view = memoryview(data).cast("B")
+        self.sock.sendall(struct.pack("!Q", view.nbytes))
+        out = bytearray(view.nbytes)
+        target = memoryview(out)
+        sender = threading.Thread(target=self.sock.sendall, args=(view,))
+        sender.start()
+        got = 0
+        while got < view.nbytes:
+            got += self.sock.recv_into(target[got:])
+        sender.join()
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.join(10)
+
+
+def _raw_round_trip(echo_client: _RawEcho, payload) -> tuple[float, int]:
+    base = rss()
+    stop, peak, sampler = _peak_rss_probe()
+    start = time.perf_counter()
+    out = echo_client.round_trip(payload)
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    del out
+    return wall, max(peak[0] - base, 0)
+
+
 def payload(repeat: int, sizes: list[int]) -> list[dict]:
     try:
         import numpy as np
@@ -188,26 +250,37 @@ def payload(repeat: int, sizes: list[int]) -> list[dict]:
         np = None
     rows = []
     kinds = ["bytes"] + (["ndarray"] if np is not None else [])
+    raw = _RawEcho()
     with DistributedExecutor(max_workers=1) as dx, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pp:
         dx.submit(tiny, 1).result()
         pp.submit(tiny, 1).result()
+        runners = (("distexec", lambda data: _round_trip(dx, data)),
+                   ("ppe", lambda data: _round_trip(pp, data)),
+                   ("raw", lambda data: _raw_round_trip(raw, data)))
         for kind in kinds:
             for size in sizes:
                 data = (os.urandom(size) if kind == "bytes"
                         else np.frombuffer(os.urandom(size), dtype=np.float64).copy())
-                row = {"kind": kind, "size_mib": size // MiB}
-                for name, ex in (("distexec", dx), ("ppe", pp)):
-                    walls, peaks = [], []
-                    for _ in range(repeat):
-                        w, p = _round_trip(ex, data)
-                        walls.append(w)
-                        peaks.append(p)
-                    row[f"{name}_MBps"] = round(2 * size / statistics.median(walls) / 1e6)
-                    row[f"{name}_peak_rss_above_input_mib"] = round(max(peaks) / MiB)
-                row["ratio"] = round(row["distexec_MBps"] / row["ppe_MBps"], 2)
+                row: dict = {"kind": kind, "size_mib": size // MiB}
+                walls: dict[str, list[float]] = {name: [] for name, _ in runners}
+                peaks: dict[str, list[int]] = {name: [] for name, _ in runners}
+                # One untimed round first (the memory it touches is then warm for all three),
+                # then interleaved rounds.
+                for i in range(repeat + 1):
+                    for name, run in runners:
+                        w, p = run(data)
+                        if i:
+                            walls[name].append(w)
+                            peaks[name].append(p)
+                for name, _ in runners:
+                    row[f"{name}_MBps"] = round(2 * size / statistics.median(walls[name]) / 1e6)
+                    row[f"{name}_peak_rss_above_input_mib"] = round(max(peaks[name]) / MiB)
+                row["ratio_vs_ppe"] = round(row["distexec_MBps"] / row["ppe_MBps"], 2)
+                row["fraction_of_raw"] = round(row["distexec_MBps"] / row["raw_MBps"], 2)
                 rows.append(row)
                 del data
+    raw.close()
     return rows
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import cloudpickle
 
-from .serialization import _VERSIONS_KEY, PROTOCOL, MainVersions
+from .serialization import _VERSIONS_KEY, OOB_MARK, PROTOCOL, MainVersions, OOBPicklerMixin
 
 
 def _rebuild_code(make: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
@@ -72,6 +72,24 @@ def cloud_dumps(obj: Any, buffer_callback: Any = None,
     """``cloudpickle.dumps(obj)`` with protocol 5 and file names kept (see :class:`_Pickler`)."""
     with io.BytesIO() as file:
         pickler = Pickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        if main_versions is not None:
+            pickler.main_versions = main_versions
+        pickler.dump(obj)
+        return file.getvalue()
+
+
+class _OOBPickler(OOBPicklerMixin, Pickler):
+    pass
+
+
+def cloud_dumps_oob(obj: Any, buffer_callback: Any, out: list[Any],
+                    main_versions: MainVersions | None = None) -> bytes:
+    """:func:`cloud_dumps` with large bytes-like objects out of band (appended to ``out``, as
+    ``buffer_callback`` does with the rest), behind :data:`OOB_MARK`."""
+    with io.BytesIO() as file:
+        file.write(OOB_MARK)
+        pickler = _OOBPickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        pickler._setup_oob(out)
         if main_versions is not None:
             pickler.main_versions = main_versions
         pickler.dump(obj)

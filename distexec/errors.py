@@ -206,10 +206,14 @@ def _size(n: int) -> str:
 
 
 class TaskUnpicklingError(DistexecError, pickle.UnpicklingError):
-    """A task's result could not be unpickled in the calling process.
+    """Something a task needs could not be unpickled where it is needed.
 
-    Typically the result's type lives in a module that the calling process cannot import.
-    ``__cause__`` holds the unpickler's own error.
+    In the calling process: the task's result; typically its type lives in a module that the
+    calling process cannot import, and ``__cause__`` holds the unpickler's own error. On the
+    worker: rebuilding the task's function and arguments did not finish within the executor's
+    ``unpickle_timeout`` (something in them blocks while it is unpickled); the remote
+    traceback shows where it was stuck. (Other errors raised while a worker unpickles a task
+    reach the caller as they are, with a note saying so.)
     """
 
 

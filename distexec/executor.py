@@ -143,13 +143,17 @@ class ExecutorStatus:
 
 
 def _check_time_limit(time_limit: float | None) -> float | None:
-    if time_limit is None:
+    return _check_timeout(time_limit, "time_limit")
+
+
+def _check_timeout(value: float | None, name: str) -> float | None:
+    if value is None:
         return None
-    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)):
-        raise TypeError("time_limit must be a number of seconds or None")
-    if not time_limit > 0:
-        raise ValueError("time_limit must be positive")
-    return float(time_limit)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None")
+    if not value > 0:
+        raise ValueError(f"{name} must be positive")
+    return float(value)
 
 
 def _check_max_retries(max_retries: int | None) -> int | None:
@@ -305,6 +309,12 @@ class DistributedExecutor(Executor):
             task's function and arguments, a result, an exception, shared data). A bigger one
             fails its own future with :class:`~distexec.MessageTooLargeError` before it is
             sent. Default 16 GiB.
+        unpickle_timeout: seconds a worker may spend unpickling a task's function and
+            arguments before the task fails with :class:`~distexec.TaskUnpicklingError` (None:
+            no limit). Something in them that blocks while it is rebuilt (a
+            ``multiprocessing.Manager`` proxy whose manager does not answer, a ``__setstate__``
+            that waits) would otherwise hang the future. The worker lives on unless the
+            unpickling cannot be interrupted, in which case it is replaced.
         max_retries: how many times a task may be re-run because the worker running it was
             lost; one more loss fails it with :class:`~distexec.WorkerLostError` listing every
             attempt. Tasks a lost worker held but had not started are always re-run.
@@ -360,6 +370,7 @@ class DistributedExecutor(Executor):
         python: str | None = None,
         worker_start_timeout: float = 60.0,
         max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
+        unpickle_timeout: float | None = 60.0,
         max_retries: int = 3,
         time_limit: float | None = None,
         heartbeat_timeout: float | None = 30.0,
@@ -442,6 +453,7 @@ class DistributedExecutor(Executor):
             python=python,
             worker_start_timeout=worker_start_timeout,
             max_message_size=max_message_size,
+            unpickle_timeout=_check_timeout(unpickle_timeout, "unpickle_timeout"),
             listen_host=host,
             listen_port=port,
             key=raw_key or protocol.new_key(),

@@ -189,6 +189,7 @@ class ManagerConfig:
     python: str | None
     worker_start_timeout: float
     max_message_size: int
+    unpickle_timeout: float | None = 60.0
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
     key: bytes | None = None
@@ -1055,6 +1056,7 @@ class Manager:
             "resources": record.pool.describe() if record.pool is not None else {},
             "origin": record.origin,
             "max_message_size": self.config.max_message_size,
+            "unpickle_timeout": self.config.unpickle_timeout,
         }
         self._send_raw(conn, protocol.encode_frame(protocol.CONFIG, (config,)))
         logger.debug("worker %d connected from %s (pid %s)", slot.worker_id, conn.peer,

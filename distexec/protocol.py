@@ -118,11 +118,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import pickle
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .errors import HandshakeError, ProtocolError
@@ -368,6 +369,27 @@ class Frame(NamedTuple):
     buffers: list[Buffer]
 
 
+# The top bits of a buffer's length in a frame header say what memory the receiver should read
+# it into (see FrameDecoder), so that it need not be copied to become what it was: a buffer
+# that was read-only where it was sent (a ``bytes`` object, a read-only array) becomes ``bytes``,
+# one that was a ``bytearray`` a ``bytearray``, any other (an array's memory) fresh anonymous
+# memory, which costs nothing until it is written.
+READONLY_BIT = 1 << 63
+BYTEARRAY_BIT = 1 << 62
+_LENGTH_MASK = BYTEARRAY_BIT - 1
+
+
+def _wire_length(view: Buffer) -> int:
+    if type(view) is bytes:
+        return len(view) | READONLY_BIT
+    assert isinstance(view, memoryview)
+    if view.readonly:
+        return view.nbytes | READONLY_BIT
+    if type(view.obj) is bytearray:
+        return view.nbytes | BYTEARRAY_BIT
+    return view.nbytes
+
+
 def encode_frame(kind: int, meta: Any, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
     """Return the pieces of one frame, ready for ``socket.sendmsg`` (no concatenation)."""
     if len(buffers) > MAX_BUFFERS:
@@ -376,7 +398,7 @@ def encode_frame(kind: int, meta: Any, buffers: Sequence[Buffer] = ()) -> list[B
     views = [memoryview(b).cast("B") if not isinstance(b, bytes) else b for b in buffers]
     head = FRAME_HEADER.pack(kind, 0, len(views), len(blob))
     if views:
-        head += struct.pack(f"!{len(views)}Q", *(len(v) for v in views))
+        head += struct.pack(f"!{len(views)}Q", *(_wire_length(v) for v in views))
     if len(blob) < 16384:
         return [head + blob, *views]
     return [head, blob, *views]
@@ -386,6 +408,55 @@ def encode_frame(kind: int, meta: Any, buffers: Sequence[Buffer] = ()) -> list[B
 # get buffers of their own that the socket reads straight into (one copy, from the kernel).
 _DIRECT_THRESHOLD = 64 * 1024
 _SCRATCH_SIZE = 256 * 1024
+
+
+def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """A function ``n -> (bytes object, writable view of its n bytes)``, or None.
+
+    The C API documents that a ``bytes`` object made by ``PyBytes_FromStringAndSize(NULL, n)``
+    is uninitialised and may be filled before anyone else sees it; that lets a socket read a
+    large read-only buffer straight into its final object (no zero fill, no copy afterwards).
+    Our own handle on the C API (not ``ctypes.pythonapi``, whose function prototypes other code
+    may set). Without ctypes, large read-only buffers are received into a bytearray and copied.
+    """
+    try:
+        import ctypes
+
+        api = ctypes.PyDLL(None)
+        new = api.PyBytes_FromStringAndSize
+        new.restype = ctypes.py_object
+        new.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        address = api.PyBytes_AsString
+        address.restype = ctypes.c_void_p
+        address.argtypes = (ctypes.py_object,)
+        char = ctypes.c_char
+    except Exception:  # no ctypes, or not CPython
+        return None
+
+    def allocate(n: int) -> tuple[bytes, memoryview]:
+        obj = new(None, n)
+        return obj, memoryview((char * n).from_address(address(obj))).cast("B")
+
+    return allocate
+
+
+_new_bytes = _bytes_allocator()
+
+
+def _segment(length: int) -> tuple[Any, memoryview]:
+    """Memory for one buffer of a large frame: (what the frame hands out, where to receive).
+    The meta section is always read-only (see encode_frame)."""
+    size = length & _LENGTH_MASK
+    if length & READONLY_BIT:
+        if _new_bytes is not None and size:
+            return _new_bytes(size)
+    elif not length & BYTEARRAY_BIT and size:
+        # Anonymous memory: zero pages the kernel fills in as they are written, where a
+        # bytearray would first be zeroed byte by byte. Arrays keep it alive as their base.
+        anon = mmap.mmap(-1, size)
+        return anon, memoryview(anon)
+    target = bytearray(size)
+    return target, memoryview(target)
 
 
 class FrameDecoder:
@@ -404,8 +475,9 @@ class FrameDecoder:
         self._scratch = bytearray(_SCRATCH_SIZE)
         self._start = 0
         self._end = 0
-        # A large frame in progress: header fields plus the segments being filled.
-        self._big: tuple[int, list[bytearray]] | None = None
+        # A large frame in progress: its kind, the buffers it will hand out (meta first) and the
+        # writable views of them that the socket fills.
+        self._big: tuple[int, list[Buffer], list[memoryview]] | None = None
         self._seg = 0
         self._off = 0
 
@@ -416,8 +488,7 @@ class FrameDecoder:
 
     def recv_buffer(self) -> memoryview:
         if self._big is not None:
-            segs = self._big[1]
-            return memoryview(segs[self._seg])[self._off:]
+            return self._big[2][self._seg][self._off:]
         if self._end == len(self._scratch):
             self._compact()
         return memoryview(self._scratch)[self._end:]
@@ -442,13 +513,13 @@ class FrameDecoder:
 
     def _advance_big(self, frames: list[Frame]) -> None:
         assert self._big is not None
-        kind, segs = self._big
-        while self._seg < len(segs) and self._off >= len(segs[self._seg]):
+        kind, objs, targets = self._big
+        while self._seg < len(targets) and self._off >= targets[self._seg].nbytes:
             self._seg += 1
             self._off = 0
-        if self._seg == len(segs):
+        if self._seg == len(targets):
             self._big = None
-            frames.append(_make_frame(kind, segs[0], list(segs[1:])))
+            frames.append(_make_frame(kind, objs[0], objs[1:]))
 
     def _parse(self, frames: list[Frame]) -> None:
         buf = self._scratch
@@ -467,7 +538,7 @@ class FrameDecoder:
                     self._compact()
                 break
             lens = struct.unpack_from(f"!{nbufs}Q", buf, self._start + FRAME_HEADER.size)
-            body = meta_len + sum(lens)
+            body = meta_len + sum(length & _LENGTH_MASK for length in lens)
             if body > self.max_message_size:
                 raise ProtocolError(
                     f"frame of {body} bytes exceeds the limit of {self.max_message_size} bytes"
@@ -483,21 +554,29 @@ class FrameDecoder:
                 pos += meta_len
                 bufs: list[Buffer] = []
                 for length in lens:
-                    bufs.append(bytearray(view[pos:pos + length]))
-                    pos += length
+                    size = length & _LENGTH_MASK
+                    if length & READONLY_BIT:
+                        bufs.append(bytes(view[pos:pos + size]))
+                    else:
+                        bufs.append(bytearray(view[pos:pos + size]))
+                    pos += size
                 self._start = pos
                 frames.append(_make_frame(kind, meta, bufs))
                 continue
             # Large frame: give each section its own memory and move what we already have.
-            segs = [bytearray(meta_len)] + [bytearray(length) for length in lens]
+            objs: list[Buffer] = []
+            targets: list[memoryview] = []
+            for obj, target in map(_segment, (meta_len | READONLY_BIT, *lens)):
+                objs.append(obj)
+                targets.append(target)
             self._start += head_len
             self._seg, self._off = 0, 0
-            self._big = (kind, segs)
+            self._big = (kind, objs, targets)
             self._advance_big(frames)
             view = memoryview(buf)
             while self._big is not None and self._start < self._end:
-                seg = segs[self._seg]
-                take = min(self._end - self._start, len(seg) - self._off)
+                seg = targets[self._seg]
+                take = min(self._end - self._start, seg.nbytes - self._off)
                 seg[self._off:self._off + take] = view[self._start:self._start + take]
                 self._start += take
                 self._off += take

@@ -5,6 +5,14 @@ Pickling strategy
 * Everything uses pickle protocol 5 with out-of-band buffers: an object that exposes its memory
   (a NumPy array, a :class:`pickle.PickleBuffer`) travels as a separate buffer that is written
   straight from, and read straight into, its final memory.
+* ``bytes``, ``bytearray`` and contiguous ``memoryview`` objects of at least :data:`OOB_MIN`
+  bytes travel out of band too (pickle would copy them into the pickle stream; the C pickler
+  offers no hook for built-in types except ``persistent_id``, which costs a call per object,
+  so it is switched on only when a quick look at the top of the object finds such a buffer,
+  see :func:`_has_big_buffer`). The receiving side reads a read-only buffer straight into a
+  new ``bytes`` object and a writable one into a ``bytearray`` (see
+  :class:`distexec.protocol.FrameDecoder`), so a large ``bytes`` argument or result is copied
+  by the kernel only: never into a pickle, never out of a receive buffer.
 * The C pickler is tried first because it is several times faster than cloudpickle on plain data.
   Its output is kept only when it pickled nothing *by reference into* ``__main__`` (which a worker
   cannot import) and no module is registered with
@@ -102,8 +110,111 @@ def cloud_dumps(obj: Any, buffer_callback: Any = None,
     return _cloud.cloud_dumps(obj, buffer_callback, main_versions)
 
 
+# bytes-like objects at least this large travel out of band (below it, a copy into the pickle
+# is cheaper than a buffer of their own).
+OOB_MIN = 64 * 1024
+# Prefix of a pickle whose bytes-like objects travel out of band: it needs an unpickler with
+# persistent_load (see _OOBUnpickler). No pickle starts with it (they start with b"\x80").
+OOB_MARK = b"DXOB"
+# How far _has_big_buffer looks: container depth, and items looked at per container.
+_SCAN_DEPTH = 4
+_SCAN_ITEMS = 64
+
+
+def _has_big_buffer(obj: Any, depth: int = 0) -> bool:
+    """True if ``obj`` is, or near its top holds, a bytes-like object that should travel out
+    of band. Bounded work (a few type checks for a task's usual arguments); a buffer deeper
+    down is pickled in band, which is correct, only slower."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= OOB_MIN
+    if t is memoryview:
+        return True
+    if depth < _SCAN_DEPTH:
+        if t is tuple or t is list:
+            items = obj if len(obj) <= _SCAN_ITEMS else obj[:8]
+        elif t is dict:
+            items = obj.values() if len(obj) <= _SCAN_ITEMS else ()
+        else:
+            return False
+        for item in items:
+            it = type(item)
+            if it is int or it is float or it is str or it is bool or item is None:
+                continue
+            if _has_big_buffer(item, depth + 1):
+                return True
+    return False
+
+
+class OOBPicklerMixin:
+    """``persistent_id`` that sends large bytes-like objects out of band (see the module doc).
+
+    The buffers go to the same list as the pickle's other out-of-band buffers, in the order the
+    pickle meets them, which is the order the unpickler meets them again (:class:`_OOBLoader`).
+    """
+
+    def _setup_oob(self, out: list[Any]) -> None:
+        self._oob_out = out
+        self._oob_ids: dict[int, Any] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is bytes or t is bytearray:
+            if len(obj) < OOB_MIN:
+                return None
+            kind: tuple[Any, ...] = ("b",) if t is bytes else ("a",)
+        elif t is memoryview:
+            kind = ("m", obj.format, obj.shape)
+        else:
+            return None
+        pid = self._oob_ids.get(id(obj))
+        if pid is None:
+            if t is not memoryview:
+                view = memoryview(obj)
+            elif obj.c_contiguous:
+                view = obj
+            else:  # strided: a contiguous copy of what it shows, as writable as it was
+                copy = obj.tobytes()
+                view = memoryview(copy if obj.readonly else bytearray(copy))
+            self._oob_out.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+            pid = self._oob_ids[id(obj)] = (len(self._oob_ids), *kind)
+        return pid
+
+
+class _OOBPickler(OOBPicklerMixin, pickle.Pickler):
+    pass
+
+
+def _oob_dumps(obj: Any, main_versions: MainVersions | None) -> Payload:
+    """:func:`dumps` for an object holding large bytes-like objects: they go out of band."""
+    out: list[Any] = []
+
+    def add(buf: pickle.PickleBuffer) -> None:
+        out.append(buf.raw())
+
+    if not _by_value_modules_registered():
+        with io.BytesIO() as file:
+            file.write(OOB_MARK)
+            try:
+                pickler = _OOBPickler(file, protocol=PROTOCOL, buffer_callback=add)
+                pickler._setup_oob(out)
+                pickler.dump(obj)
+            except Exception:
+                pass
+            else:
+                data = file.getvalue()
+                if _MAIN_MARKER not in data:
+                    return data, out
+        out.clear()
+    from . import _cloud
+
+    return _cloud.cloud_dumps_oob(obj, add, out, main_versions), out
+
+
 def dumps(obj: Any, main_versions: MainVersions | None = None) -> Payload:
     """Pickle ``obj``; return the pickle and its out-of-band buffers (as byte views)."""
+    if _has_big_buffer(obj):
+        return _oob_dumps(obj, main_versions)
     buffers: list[pickle.PickleBuffer] = []
     if not _by_value_modules_registered():
         try:
@@ -135,7 +246,57 @@ def dumps_inband(obj: Any, main_versions: MainVersions | None = None) -> bytes:
 
 def loads(data: Any, buffers: Any = ()) -> Any:
     """Inverse of :func:`dumps`."""
+    if data[:4] == OOB_MARK:
+        return _OOBUnpickler(_after_mark(data), buffers).load()
     return pickle.loads(data, buffers=buffers)
+
+
+def _after_mark(data: Any) -> io.BytesIO:
+    return io.BytesIO(memoryview(data)[len(OOB_MARK):])
+
+
+class _OOBLoader:
+    """``persistent_load`` for :class:`OOBPicklerMixin`'s ids. The out-of-band buffers are
+    taken from one iterator, shared with the unpickler's own ``NEXT_BUFFER`` opcodes, in the
+    order the pickle meets them."""
+
+    def _setup_oob(self, buffers: Any) -> Any:
+        self._oob_iter = iter(buffers)
+        self._oob_loaded: dict[int, Any] = {}
+        return self._oob_iter
+
+    def persistent_load(self, pid: Any) -> Any:
+        try:
+            index, kind = pid[0], pid[1]
+        except (TypeError, IndexError):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}") from None
+        obj = self._oob_loaded.get(index)
+        if obj is not None:
+            return obj
+        try:
+            buf = next(self._oob_iter)
+        except StopIteration:
+            raise pickle.UnpicklingError("the pickle refers to more out-of-band buffers than "
+                                         "arrived with it") from None
+        if kind == "b":
+            obj = buf if type(buf) is bytes else bytes(buf)
+        elif kind == "a":
+            obj = buf if type(buf) is bytearray else bytearray(buf)
+        elif kind == "m":
+            view = memoryview(buf)
+            try:
+                obj = view.cast("B").cast(pid[2], pid[3])
+            except (TypeError, ValueError):  # a format cast() cannot make: plain bytes
+                obj = view
+        else:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        self._oob_loaded[index] = obj
+        return obj
+
+
+class _OOBUnpickler(_OOBLoader, pickle.Unpickler):
+    def __init__(self, file: Any, buffers: Any) -> None:
+        super().__init__(file, buffers=self._setup_oob(buffers))
 
 
 # ---------------------------------------------------------------------------- __main__
@@ -197,9 +358,9 @@ class MainNamespace:
         return cloudpickle._function_setstate(obj, state)
 
 
-class _MainUnpickler(pickle.Unpickler):
+class _MainUnpickler(_OOBLoader, pickle.Unpickler):
     def __init__(self, file: Any, main: MainNamespace, buffers: Any) -> None:
-        super().__init__(file, buffers=buffers)
+        super().__init__(file, buffers=self._setup_oob(buffers))
         self._main = main
 
     def find_class(self, module: str, name: str) -> Any:
@@ -217,8 +378,9 @@ def loads_into(main: MainNamespace, data: Any, buffers: Any = ()) -> Any:
         hook, main.before_multiprocessing = main.before_multiprocessing, None
         hook()
     if _MAIN_MARKER not in data:
-        return pickle.loads(data, buffers=buffers)
-    return _MainUnpickler(io.BytesIO(data), main, buffers).load()
+        return loads(data, buffers)
+    file = _after_mark(data) if data[:4] == OOB_MARK else io.BytesIO(data)
+    return _MainUnpickler(file, main, buffers).load()
 
 
 class Pickled:

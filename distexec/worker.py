@@ -65,7 +65,8 @@ from typing import Any
 
 from . import context, protocol, serialization
 from ._version import __version__, installed_version
-from .errors import HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError, too_large
+from .errors import (HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError,
+                     TaskUnpicklingError, too_large)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ EXIT_HANDSHAKE = 3
 EXIT_MANAGER_LOST = 4
 EXIT_INITIALIZER = 5
 EXIT_ABORTED = 6
+# Sent by the watchdog to the main thread when unpickling a task's arguments is overdue.
+WATCHDOG_SIGNAL = signal.SIGUSR1
 
 # The ``ok`` field of a result item: True result, False exception, 2 the task declined.
 RESULT_DECLINED = 2
@@ -210,6 +213,13 @@ class Worker:
         self.decoder = protocol.FrameDecoder()
         # The executor's max_message_size (from CONFIG): no message we send may carry more.
         self.max_message_size = protocol.DEFAULT_MAX_MESSAGE_SIZE
+        # The executor's unpickle_timeout (from CONFIG), and the task whose function and
+        # arguments the main thread is unpickling: (task id, attempt, since). Written by the
+        # main thread only; the watchdog thread reads it (see watchdog()).
+        self.unpickle_timeout: float | None = None
+        self.unpickling: tuple[int, int, float] | None = None
+        self.overdue: tuple[int, int, float] | None = None  # the watchdog asked to interrupt it
+        self.stopped = threading.Event()  # set by close(): the watchdog ends
         self.frames: deque[protocol.Frame] = deque()
         self.send_lock = threading.RLock()  # taken before out_cond when both are needed
         # Guards the outbox; the flusher thread waits on it (see flusher()).
@@ -340,6 +350,13 @@ class Worker:
         if isinstance(limit, int):
             self.max_message_size = limit
             self.decoder.max_message_size = limit + protocol.FRAME_OVERHEAD
+        timeout = config.get("unpickle_timeout")
+        if isinstance(timeout, (int, float)) and threading.current_thread() is \
+                threading.main_thread():
+            self.unpickle_timeout = float(timeout)
+            signal.signal(WATCHDOG_SIGNAL, self._interrupt_unpickling)
+            threading.Thread(target=self.watchdog, name="distexec-watchdog",
+                             daemon=True).start()
         self.origin = str(config.get("origin", self.origin))
         self.resources = dict(config.get("resources") or {})
         context._worker = self
@@ -384,6 +401,7 @@ class Worker:
         with self.out_cond:
             self.closing = True
             self.out_cond.notify()
+        self.stopped.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -456,12 +474,16 @@ class Worker:
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
     ) -> None:
         fn: Any = None
+        if self.unpickle_timeout is not None:
+            self.unpickling = (task_id, attempt, time.monotonic())
         try:
             fn = self.fns[fn_id]
             if isinstance(fn, bytes):
                 fn = self.fns[fn_id] = serialization.loads_into(self.main, fn)
             args = serialization.loads_into(self.main, payload, oob)
+            self.unpickling = None  # inside the try: the watchdog's signal may come until here
         except BaseException as exc:
+            self.unpickling = None
             self.report_error(task_id, attempt, exc, -1.0,
                               f"[distexec] raised while unpickling task {task_id}'s function or "
                               f"arguments on {self.where()}")
@@ -645,16 +667,60 @@ class Worker:
                                "longer than heartbeat_timeout will be taken for a lost worker",
                                self.where())
 
-    def abort(self, task_id: int, attempt: int) -> bool:
-        """Control thread: stop the task if it runs (the process ends: this never returns);
-        else make sure it never starts and return False."""
-        with self.run_lock:
-            key = (task_id, attempt)
-            if self.current != key and key not in self.outer:
-                self.skip.add(key)
-                return False
+    def watchdog(self) -> None:
+        """Watchdog thread: a task whose function and arguments take longer than
+        ``unpickle_timeout`` to unpickle (something in them blocks when it is rebuilt, such as
+        a Manager proxy whose manager does not answer) fails instead of hanging its future.
+
+        First the main thread is interrupted with WATCHDOG_SIGNAL, whose handler raises
+        TaskUnpicklingError where it is stuck (a blocking system call returns EINTR): the task
+        fails and the worker lives on. If that does not free it (C code that retries, a
+        handler of the user's for the signal), the task is failed from here and the worker
+        ends, as for an abort, since its main thread is lost.
+        """
+        assert self.unpickle_timeout is not None
+        timeout = self.unpickle_timeout
+        poll = min(max(timeout / 4, 0.05), 5.0)
+        while not self.stopped.wait(poll):
+            current = self.unpickling
+            if current is None or time.monotonic() - current[2] < timeout:
+                continue
+            self.overdue = current
+            if signal.getsignal(WATCHDOG_SIGNAL) == self._interrupt_unpickling:
+                signal.pthread_kill(threading.main_thread().ident or 0, WATCHDOG_SIGNAL)
+                deadline = time.monotonic() + max(2 * poll, 2.0)
+                while self.unpickling is current and time.monotonic() < deadline:
+                    if self.stopped.wait(0.01):
+                        return
+            if self.unpickling is not current:
+                continue
+            task_id, attempt, _ = current
+            err = TaskUnpicklingError(self._overdue_message(task_id) + " It could not be "
+                                      "interrupted there, so the worker was restarted.")
+            self.report_error(task_id, attempt, err, -1.0, None)
+            self.flush()
+            self.end_process(f"task {task_id}'s arguments could not be unpickled")
+
+    def _overdue_message(self, task_id: int) -> str:
+        return (f"unpickling task {task_id}'s function and arguments on {self.where()} did not "
+                f"finish within unpickle_timeout={self.unpickle_timeout:g} s: something in them "
+                "blocks or runs long while it is rebuilt (for instance a multiprocessing.Manager "
+                "proxy whose manager process does not answer, or a __setstate__ that waits). "
+                "Pass such objects in a form the worker can rebuild at once, or raise "
+                "unpickle_timeout if it is only slow.")
+
+    def _interrupt_unpickling(self, signum: int, frame: Any) -> None:
+        """WATCHDOG_SIGNAL handler (main thread): raise where unpickling is stuck."""
+        overdue = self.overdue
+        if overdue is not None and self.unpickling is overdue:
+            self.overdue = None
+            raise TaskUnpicklingError(self._overdue_message(overdue[0]))
+
+    def end_process(self, why: str) -> None:
+        """End this worker (never returns): a worker started by hand re-executes itself with
+        its original command line, so it rejoins as a fresh worker; others exit."""
         restart = self.restart_argv is not None and not self.leaving
-        logger.warning("%s: task %d was aborted by the task manager; %s", self.where(), task_id,
+        logger.warning("%s: %s; %s", self.where(), why,
                        "restarting this worker" if restart else "exiting")
         _flush_std_streams()
         if restart:
@@ -666,6 +732,16 @@ class Worker:
             except OSError as exc:
                 logger.error("could not restart the worker: %s", exc)
         os._exit(EXIT_ABORTED)
+
+    def abort(self, task_id: int, attempt: int) -> bool:
+        """Control thread: stop the task if it runs (the process ends: this never returns);
+        else make sure it never starts and return False."""
+        with self.run_lock:
+            key = (task_id, attempt)
+            if self.current != key and key not in self.outer:
+                self.skip.add(key)
+                return False
+        self.end_process(f"task {task_id} was aborted by the task manager")
         return True  # not reached
 
     def request_leave(self) -> None:
