@@ -313,8 +313,8 @@ class DistributedExecutor(Executor):
             arguments before the task fails with :class:`~distexec.TaskUnpicklingError` (None:
             no limit). Something in them that blocks while it is rebuilt (a
             ``multiprocessing.Manager`` proxy whose manager does not answer, a ``__setstate__``
-            that waits) would otherwise hang the future. The worker lives on unless the
-            unpickling cannot be interrupted, in which case it is replaced.
+            that waits) would otherwise hang the future. The worker is interrupted with
+            ``SIGUSR1`` and replaced.
         max_retries: how many times a task may be re-run because the worker running it was
             lost; one more loss fails it with :class:`~distexec.WorkerLostError` listing every
             attempt. Tasks a lost worker held but had not started are always re-run.
@@ -947,7 +947,8 @@ class DistributedExecutor(Executor):
         if size > self._config.max_message_size:
             raise too_large(f"shared data {name!r}", size, self._config.max_message_size)
         # A snapshot: the caller may change the object (an array, say) afterwards.
-        snapshot: list[Any] = [bytes(b) for b in oob]
+        # (Kept as writable as it was: an array stored writable is fetched writable.)
+        snapshot: list[Any] = [bytes(b) if memoryview(b).readonly else bytearray(b) for b in oob]
         self.start()
         self._ask(CMD_STORE, name, payload, snapshot)
 

@@ -128,7 +128,7 @@ from typing import Any, NamedTuple
 
 from .errors import HandshakeError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: buffer lengths carry READONLY_BIT and BYTEARRAY_BIT
 
 # ---------------------------------------------------------------------------- handshake
 KEY_SIZE = 32
@@ -435,7 +435,10 @@ def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
 
     def allocate(n: int) -> tuple[bytes, memoryview]:
         obj = new(None, n)
-        return obj, memoryview((char * n).from_address(address(obj))).cast("B")
+        window = (char * n).from_address(address(obj))
+        # A view of the window then keeps the bytes object, whose memory it is, alive.
+        window.owner = obj  # type: ignore[attr-defined]
+        return obj, memoryview(window).cast("B")
 
     return allocate
 
@@ -443,17 +446,26 @@ def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
 _new_bytes = _bytes_allocator()
 
 
+# Writable buffers at least this large (an array's memory) are received into a private
+# anonymous mapping of their own: zero pages the kernel provides as they are written, where a
+# bytearray is first zeroed byte by byte (about 10 % faster for 64 MiB here). Smaller ones use a
+# bytearray: every mapping counts against the process's limit (vm.max_map_count).
+_MAP_THRESHOLD = 1024 * 1024
+_MAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+
+
 def _segment(length: int) -> tuple[Any, memoryview]:
     """Memory for one buffer of a large frame: (what the frame hands out, where to receive).
-    The meta section is always read-only (see encode_frame)."""
+    The meta section is always read-only (see encode_frame). Raises MemoryError."""
     size = length & _LENGTH_MASK
     if length & READONLY_BIT:
         if _new_bytes is not None and size:
             return _new_bytes(size)
-    elif not length & BYTEARRAY_BIT and size:
-        # Anonymous memory: zero pages the kernel fills in as they are written, where a
-        # bytearray would first be zeroed byte by byte. Arrays keep it alive as their base.
-        anon = mmap.mmap(-1, size)
+    elif not length & BYTEARRAY_BIT and size >= _MAP_THRESHOLD and _MAP_FLAGS:
+        try:
+            anon = mmap.mmap(-1, size, flags=_MAP_FLAGS)
+        except OSError as exc:  # ENOMEM: out of memory or of mappings
+            raise MemoryError(f"cannot map {size} bytes: {exc}") from exc
         return anon, memoryview(anon)
     target = bytearray(size)
     return target, memoryview(target)

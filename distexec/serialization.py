@@ -116,33 +116,36 @@ OOB_MIN = 64 * 1024
 # Prefix of a pickle whose bytes-like objects travel out of band: it needs an unpickler with
 # persistent_load (see _OOBUnpickler). No pickle starts with it (they start with b"\x80").
 OOB_MARK = b"DXOB"
-# How far _has_big_buffer looks: container depth, and items looked at per container.
-_SCAN_DEPTH = 4
+# How much _has_big_buffer looks at: objects in all, items per container.
+_SCAN_BUDGET = 256
 _SCAN_ITEMS = 64
+# At most this many out-of-band buffers per pickle: a payload with more is pickled in band
+# (a frame carries at most protocol.MAX_BUFFERS, and results share frames).
+MAX_OOB_BUFFERS = 1024
+_SCALARS = (int, float, str, bool, type(None), complex)
 
 
-def _has_big_buffer(obj: Any, depth: int = 0) -> bool:
+def _has_big_buffer(obj: Any) -> bool:
     """True if ``obj`` is, or near its top holds, a bytes-like object that should travel out
-    of band. Bounded work (a few type checks for a task's usual arguments); a buffer deeper
-    down is pickled in band, which is correct, only slower."""
-    t = type(obj)
-    if t is bytes or t is bytearray:
-        return len(obj) >= OOB_MIN
-    if t is memoryview:
-        return True
-    if depth < _SCAN_DEPTH:
-        if t is tuple or t is list:
-            items = obj if len(obj) <= _SCAN_ITEMS else obj[:8]
-        elif t is dict:
-            items = obj.values() if len(obj) <= _SCAN_ITEMS else ()
-        else:
-            return False
-        for item in items:
-            it = type(item)
-            if it is int or it is float or it is str or it is bool or item is None:
-                continue
-            if _has_big_buffer(item, depth + 1):
+    of band. Looks at no more than _SCAN_BUDGET objects (a few type checks for a task's usual
+    arguments, however its containers share items); a buffer further in is pickled in band,
+    which is correct, only slower."""
+    todo = [obj]
+    budget = _SCAN_BUDGET
+    while todo and budget > 0:
+        budget -= 1
+        item = todo.pop()
+        t = type(item)
+        if t is bytes or t is bytearray:
+            if len(item) >= OOB_MIN:
                 return True
+        elif t is memoryview:
+            return True
+        elif t is tuple or t is list:
+            todo.extend(x for x in (item if len(item) <= _SCAN_ITEMS else item[:8])
+                        if type(x) not in _SCALARS)
+        elif t is dict and len(item) <= _SCAN_ITEMS:
+            todo.extend(x for x in item.values() if type(x) not in _SCALARS)
     return False
 
 
@@ -155,7 +158,8 @@ class OOBPicklerMixin:
 
     def _setup_oob(self, out: list[Any]) -> None:
         self._oob_out = out
-        self._oob_ids: dict[int, Any] = {}
+        # id -> (the object, kept alive so that its id is not reused, and its persistent id)
+        self._oob_ids: dict[int, tuple[Any, Any]] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         t = type(obj)
@@ -167,17 +171,25 @@ class OOBPicklerMixin:
             kind = ("m", obj.format, obj.shape)
         else:
             return None
-        pid = self._oob_ids.get(id(obj))
-        if pid is None:
-            if t is not memoryview:
-                view = memoryview(obj)
-            elif obj.c_contiguous:
-                view = obj
-            else:  # strided: a contiguous copy of what it shows, as writable as it was
-                copy = obj.tobytes()
-                view = memoryview(copy if obj.readonly else bytearray(copy))
-            self._oob_out.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
-            pid = self._oob_ids[id(obj)] = (len(self._oob_ids), *kind)
+        known = self._oob_ids.get(id(obj))
+        if known is not None:
+            return known[1]
+        if len(self._oob_out) >= MAX_OOB_BUFFERS:
+            return None  # in band from here on (a memoryview then fails, as with pickle)
+        if t is bytes:
+            view = memoryview(obj)
+        elif t is bytearray:
+            # A copy, taken now: the caller may change or resize it before it is sent (as a
+            # bytes object in band would have been copied too).
+            view = memoryview(bytearray(obj))
+        elif obj.c_contiguous:
+            view = obj
+        else:  # strided: a contiguous copy of what it shows, as writable as it was
+            copy = obj.tobytes()
+            view = memoryview(copy if obj.readonly else bytearray(copy))
+        self._oob_out.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
+        pid = (len(self._oob_ids), *kind)
+        self._oob_ids[id(obj)] = (obj, pid)
         return pid
 
 
@@ -214,18 +226,28 @@ def _oob_dumps(obj: Any, main_versions: MainVersions | None) -> Payload:
 def dumps(obj: Any, main_versions: MainVersions | None = None) -> Payload:
     """Pickle ``obj``; return the pickle and its out-of-band buffers (as byte views)."""
     if _has_big_buffer(obj):
-        return _oob_dumps(obj, main_versions)
+        data, views = _oob_dumps(obj, main_versions)
+    else:
+        data, views = _dumps(obj, main_versions, True)
+    if len(views) > MAX_OOB_BUFFERS:  # thousands of arrays: in band
+        return _dumps(obj, main_versions, False)
+    return data, views
+
+
+def _dumps(obj: Any, main_versions: MainVersions | None, oob: bool) -> Payload:
+    """The C pickler when it can, else cloudpickle; with ``oob``, buffers out of band."""
     buffers: list[pickle.PickleBuffer] = []
+    callback = buffers.append if oob else None
     if not _by_value_modules_registered():
         try:
-            fast = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+            fast = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
         except Exception:
             pass
         else:
             if _MAIN_MARKER not in fast:
                 return fast, [b.raw() for b in buffers]
         buffers.clear()
-    data = cloud_dumps(obj, buffers.append, main_versions)
+    data = cloud_dumps(obj, callback, main_versions)
     return data, [b.raw() for b in buffers]
 
 
@@ -240,7 +262,7 @@ def dumps_inband(obj: Any, main_versions: MainVersions | None = None) -> bytes:
     :class:`MainNamespace`)."""
     data, buffers = dumps(obj, main_versions)
     if buffers:
-        data = cloud_dumps(obj, None, main_versions)
+        data = _dumps(obj, main_versions, False)[0]
     return data
 
 

@@ -219,6 +219,7 @@ class Worker:
         self.unpickle_timeout: float | None = None
         self.unpickling: tuple[int, int, float] | None = None
         self.overdue: tuple[int, int, float] | None = None  # the watchdog asked to interrupt it
+        self.interrupted = False  # the watchdog's signal raised in the main thread
         self.stopped = threading.Event()  # set by close(): the watchdog ends
         self.frames: deque[protocol.Frame] = deque()
         self.send_lock = threading.RLock()  # taken before out_cond when both are needed
@@ -242,6 +243,7 @@ class Worker:
         self.control: socket.socket | None = None
         # The pulse process (see _start_pulse): its pid and the write end of its lifeline pipe.
         self.pulse: tuple[int, int] | None = None
+        self.pulse_lock = threading.Lock()
         # Set once heartbeats flow: user code (even the initializer) runs only after that, so
         # that a first task holding the GIL cannot starve the control thread's handshake.
         self.control_ready = threading.Event()
@@ -301,8 +303,9 @@ class Worker:
 
     def add_result(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
         box = self.outbox  # only this thread adds; the flusher may swap it for an empty one
-        if box.items and box.nbytes + nbytes > self.max_message_size:
-            self.flush()  # one batch must stay within the limit
+        if box.items and (box.nbytes + nbytes > self.max_message_size
+                          or len(box.buffers) + len(buffers) > protocol.MAX_BUFFERS - 64):
+            self.flush()  # one batch must stay within the limits of one frame
         with self.out_cond:
             self.outbox.add(item, buffers, nbytes)
 
@@ -474,6 +477,9 @@ class Worker:
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
     ) -> None:
         fn: Any = None
+        # (A child task run inline while its parent's arguments are unpickled, by a
+        # __setstate__ that waits for it, puts the parent's entry back when it is done.)
+        outer = self.unpickling
         if self.unpickle_timeout is not None:
             self.unpickling = (task_id, attempt, time.monotonic())
         try:
@@ -481,12 +487,15 @@ class Worker:
             if isinstance(fn, bytes):
                 fn = self.fns[fn_id] = serialization.loads_into(self.main, fn)
             args = serialization.loads_into(self.main, payload, oob)
-            self.unpickling = None  # inside the try: the watchdog's signal may come until here
+            self.unpickling = outer  # inside the try: the watchdog's signal may come until here
         except BaseException as exc:
-            self.unpickling = None
+            self.unpickling = outer
             self.report_error(task_id, attempt, exc, -1.0,
                               f"[distexec] raised while unpickling task {task_id}'s function or "
                               f"arguments on {self.where()}")
+            if self.interrupted:
+                self.flush()
+                self.end_process(f"unpickling task {task_id}'s arguments was interrupted")
             return
         del payload, oob
         start = time.perf_counter()
@@ -644,6 +653,10 @@ class Worker:
     def reap_pulse(self, block: bool) -> None:
         """Control thread: collect the pulse process if it has ended (so that it does not stay
         a zombie); with ``block``, end it first (before this process execs itself anew)."""
+        with self.pulse_lock:  # the watchdog thread may end the process too (end_process)
+            self._reap_pulse(block)
+
+    def _reap_pulse(self, block: bool) -> None:
         if self.pulse is None:
             return
         pid, lifeline = self.pulse
@@ -674,9 +687,11 @@ class Worker:
 
         First the main thread is interrupted with WATCHDOG_SIGNAL, whose handler raises
         TaskUnpicklingError where it is stuck (a blocking system call returns EINTR): the task
-        fails and the worker lives on. If that does not free it (C code that retries, a
-        handler of the user's for the signal), the task is failed from here and the worker
-        ends, as for an abort, since its main thread is lost.
+        fails, and the worker is replaced all the same (see _run_task), because code
+        interrupted at an arbitrary point (an import half done, a lock half taken) may have left
+        the process unfit for the next task. If the signal does not free it (C code that
+        retries, a handler of the user's for the signal), the task is failed from here and the
+        worker ends, as for an abort, since its main thread is lost.
         """
         assert self.unpickle_timeout is not None
         timeout = self.unpickle_timeout
@@ -714,7 +729,9 @@ class Worker:
         overdue = self.overdue
         if overdue is not None and self.unpickling is overdue:
             self.overdue = None
-            raise TaskUnpicklingError(self._overdue_message(overdue[0]))
+            self.interrupted = True
+            raise TaskUnpicklingError(self._overdue_message(overdue[0]) + " The worker is "
+                                      "replaced: it was interrupted at an arbitrary point.")
 
     def end_process(self, why: str) -> None:
         """End this worker (never returns): a worker started by hand re-executes itself with

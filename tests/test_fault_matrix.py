@@ -155,7 +155,8 @@ CASES = [
     Case("task: argument kills the worker when unpickled", _unpickle_arg("os_exit"),
          WorkerLostError, r"exit code 9", worker_survives=False),
     Case("task: argument blocks when unpickled", _unpickle_arg("block"),
-         TaskUnpicklingError, r"did not finish within unpickle_timeout=1 s.*Manager"),
+         TaskUnpicklingError, r"did not finish within unpickle_timeout=1 s.*Manager.*The "
+         r"worker is replaced", worker_survives=False),
     Case("task: argument blocks uninterruptibly when unpickled", _unpickle_arg("block_hard"),
          TaskUnpicklingError, r"could not be interrupted there, so the worker was restarted",
          worker_survives=False),
