@@ -49,9 +49,10 @@ if TYPE_CHECKING:
 
 __all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
-KEY_ENV = "DISTEXEC_KEY"
 # Shortest key accepted from the user (bytes): 128 bits.
 MIN_KEY_BYTES = 16
+
+
 class _Unset:
     def __repr__(self) -> str:
         return "<unchanged>"
@@ -432,13 +433,14 @@ class DistributedExecutor(Executor):
         host, port = "127.0.0.1", 0
         if listen is not None:
             host, port = _parse_listen(listen)
-        if key is None and os.environ.get(KEY_ENV):
-            key = os.environ[KEY_ENV]
+        if key is None and os.environ.get(protocol.KEY_ENV):
+            key = os.environ[protocol.KEY_ENV]
         raw_key = _parse_key(key) if key is not None else None
         if raw_key is None and not _is_loopback(host):
             raise ValueError(
                 f"listening on {host} (not a loopback address) requires a key that the workers "
-                f"share: pass key=... or set {KEY_ENV} (for example from 'distexec keygen FILE')")
+                f"share: pass key=... or set {protocol.KEY_ENV} (for example from "
+                "'distexec keygen FILE')")
         if host_specs and not tunnel and _is_loopback(host):
             raise ValueError("tunnel=False makes remote workers connect to the task manager "
                              "directly: give it a reachable address with listen='0.0.0.0:PORT' "

@@ -155,10 +155,6 @@ DUMP_WAIT = 0.5
 MANAGER_TIMEOUT_MIN = 120.0
 # How many function definitions each worker keeps; older ones are told to be forgotten.
 WORKER_FN_CAPACITY = 256
-# Payloads above this go as separate frame buffers (saves a copy of large arguments).
-INLINE_LIMIT = 32 * 1024
-# The ``ok`` field of a result item: 1 (True) result, 0 (False) exception, 2 declined.
-RESULT_DECLINED = 2
 # Upper bound on bytes read from one connection per loop turn, for fairness between workers.
 READ_BUDGET = 8 * 1024 * 1024
 
@@ -1360,20 +1356,11 @@ class Manager:
 
     def _on_results(self, worker_id: int, frame: protocol.Frame) -> None:
         (items,) = frame.meta
-        buffers = frame.buffers
-        cursor = 0
         sched = self._sched
         tasks = sched.tasks
         ASSIGNED = TaskState.ASSIGNED  # noqa: N806 (a local for the loop)
-        for task_id, attempt, ok, inline, nbufs, duration, extra in items:
-            if inline is None:
-                payload = buffers[cursor]
-                cursor += 1
-                nbufs -= 1
-            else:
-                payload = inline
-            oob = buffers[cursor:cursor + nbufs]
-            cursor += nbufs
+        for task_id, attempt, status, payload, oob, duration, extra in \
+                protocol.read_result_items(items, frame.buffers):
             task = tasks.get(task_id)  # (inlined Scheduler.current: once per result)
             if (task is None or task.state is not ASSIGNED or task.attempt != attempt
                     or task.worker_id != worker_id):
@@ -1381,10 +1368,12 @@ class Manager:
                             task_id, attempt, worker_id)
                 continue
             self._crash_streak = 0
-            if task.x is not None and task.x.client is not None and ok != RESULT_DECLINED:
-                self._child_finished(task, ok, payload, oob, extra, duration)
+            if (task.x is not None and task.x.client is not None
+                    and status != protocol.RESULT_DECLINED):
+                self._child_finished(task, status == protocol.RESULT_OK, payload, oob, extra,
+                                     duration)
                 continue
-            if ok is True:
+            if status == protocol.RESULT_OK:
                 try:
                     value = serialization.loads(payload, oob)
                 except BaseException as exc:
@@ -1400,7 +1389,7 @@ class Manager:
                 else:
                     sched.settle(task, duration, True)
                     _settle(task.future, True, value)
-            elif ok == RESULT_DECLINED:
+            elif status == protocol.RESULT_DECLINED:
                 self._declined(task, str(extra))
             else:
                 type_name, message, text = extra
@@ -1609,15 +1598,15 @@ class Manager:
             # (A parent's own time limit, if it has one, keeps running and bounds the child.)
             self._arm_limit(slot, task)
 
-    def _child_finished(self, task: Task, ok: Any, payload: Any, oob: list[Any], extra: Any,
+    def _child_finished(self, task: Task, ok: bool, payload: Any, oob: list[Any], extra: Any,
                         duration: float) -> None:
         """A child task's result or exception goes to its parent as it came, unpickled."""
         conn, req_id = task.client
-        self._sched.settle(task, duration, bool(ok))
+        self._sched.settle(task, duration, ok)
         future = task.future
         future._distexec_forwarded = True  # type: ignore[attr-defined]
         _settle(future, True, None)
-        self._reply(conn, req_id, bool(ok), extra, [payload, *oob])
+        self._reply(conn, req_id, ok, extra, [payload, *oob])
 
     def _child_done(self, conn: _Conn, req_id: int, future: Future[Any]) -> None:
         """Done-callback of a child's future: tell the parent how it ended, unless its result
@@ -2026,12 +2015,8 @@ class Manager:
                 send_batch()
                 defs = new_defs
             batch_bytes += size
-            if len(payload) > INLINE_LIMIT:
-                items.append((task.id, task.attempt, fn_id, int(task.kind), None, len(oob) + 1))
-                buffers.append(payload)
-            else:
-                items.append((task.id, task.attempt, fn_id, int(task.kind), payload, len(oob)))
-            buffers.extend(oob)
+            items.append(protocol.task_item(task.id, task.attempt, fn_id, int(task.kind),
+                                            payload, oob, buffers))
         if claim_id is not None:  # a child task, to run inside its waiting parent
             if items:
                 self._send_raw(conn, protocol.encode_frame(protocol.RUN,

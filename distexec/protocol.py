@@ -123,7 +123,7 @@ import os
 import pickle
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from .errors import HandshakeError, ProtocolError
@@ -361,6 +361,87 @@ DUMP_END = b"End of requested dump.\n"
 BEAT = b"\0"
 
 Buffer = bytes | bytearray | memoryview
+
+
+# ---------------------------------------------------------------------------- items
+# The items that TASKS, RUN and RESULTS frames carry, each defined once here with a
+# mirror-image pair: ``*_item`` builds one (adding its buffers to the frame's list) and
+# ``read_*_items`` takes a frame's items and buffers apart again. Items are plain tuples (the
+# hot path makes one per task), so these functions are their only definition.
+
+# A payload (a task's pickled function arguments, a pickled result) larger than this travels as
+# the first of its item's frame buffers instead of inside the meta pickle (saves a copy).
+INLINE_LIMIT = 32 * 1024
+
+# The status of a RESULTS item.
+RESULT_RAISED = 0  # ``extra`` is (type name, message, formatted traceback)
+RESULT_OK = 1
+RESULT_DECLINED = 2  # the task raised TaskDeclined; ``extra`` is its message
+
+# Where a local worker shows which task it runs, in memory shared with its task manager:
+# (task id, attempt), zeros between tasks.
+PROGRESS = struct.Struct("=qq")
+
+# The environment variable that holds the key for workers started by hand.
+KEY_ENV = "DISTEXEC_KEY"
+
+
+def _add_payload(payload: Buffer, oob: Sequence[Buffer],
+                 buffers: list[Buffer]) -> tuple[Buffer | None, int]:
+    if len(payload) > INLINE_LIMIT:
+        buffers.append(payload)
+        buffers.extend(oob)
+        return None, len(oob) + 1
+    buffers.extend(oob)
+    return payload, len(oob)
+
+
+def _take_payload(inline: Any, nbufs: int, buffers: Sequence[Buffer],
+                  cursor: int) -> tuple[Any, list[Buffer], int]:
+    if inline is None:
+        payload = buffers[cursor]
+        cursor += 1
+        nbufs -= 1
+    else:
+        payload = inline
+    return payload, list(buffers[cursor:cursor + nbufs]), cursor + nbufs
+
+
+def task_item(task_id: int, attempt: int, fn_id: int, kind: int, payload: Buffer,
+              oob: Sequence[Buffer], buffers: list[Buffer]) -> tuple[Any, ...]:
+    """One task of a TASKS or RUN frame: its pickled arguments ``payload`` with their
+    out-of-band buffers ``oob`` (added to the frame's ``buffers``)."""
+    inline, nbufs = _add_payload(payload, oob, buffers)
+    return (task_id, attempt, fn_id, kind, inline, nbufs)
+
+
+def read_task_items(items: Sequence[tuple[Any, ...]], buffers: Sequence[Buffer]
+                    ) -> Iterator[tuple[int, int, int, int, Any, list[Buffer]]]:
+    """Inverse of :func:`task_item`: (task id, attempt, fn id, kind, payload, oob) each."""
+    cursor = 0
+    for task_id, attempt, fn_id, kind, inline, nbufs in items:
+        payload, oob, cursor = _take_payload(inline, nbufs, buffers, cursor)
+        yield task_id, attempt, fn_id, kind, payload, oob
+
+
+def result_item(task_id: int, attempt: int, status: int, payload: Buffer,
+                oob: Sequence[Buffer], duration: float, extra: Any,
+                buffers: list[Buffer]) -> tuple[Any, ...]:
+    """One finished task of a RESULTS frame: ``status`` (RESULT_OK with the pickled result,
+    RESULT_RAISED with the pickled exception, RESULT_DECLINED), the payload and its
+    out-of-band buffers (added to the frame's ``buffers``), the task's run time, ``extra``."""
+    inline, nbufs = _add_payload(payload, oob, buffers)
+    return (task_id, attempt, status, inline, nbufs, duration, extra)
+
+
+def read_result_items(items: Sequence[tuple[Any, ...]], buffers: Sequence[Buffer]
+                      ) -> Iterator[tuple[int, int, int, Any, list[Buffer], float, Any]]:
+    """Inverse of :func:`result_item`: (task id, attempt, status, payload, oob, duration,
+    extra) each."""
+    cursor = 0
+    for task_id, attempt, status, inline, nbufs, duration, extra in items:
+        payload, oob, cursor = _take_payload(inline, nbufs, buffers, cursor)
+        yield task_id, attempt, status, payload, oob, duration, extra
 
 
 class Frame(NamedTuple):

@@ -79,18 +79,11 @@ EXIT_ABORTED = 6
 # Sent by the watchdog to the main thread when unpickling a task's arguments is overdue.
 WATCHDOG_SIGNAL = signal.SIGUSR1
 
-# The ``ok`` field of a result item: True result, False exception, 2 the task declined.
-RESULT_DECLINED = 2
-
-# Payloads above this travel as separate frame buffers instead of inside the meta pickle, which
-# saves one copy of large results.
-INLINE_LIMIT = 32 * 1024
 # Results are sent in batches while more tasks wait locally; these bound a batch.
 FLUSH_MAX_ITEMS = 64
 FLUSH_MAX_BYTES = 1024 * 1024
 FLUSH_MAX_DELAY = 0.005
 
-KEY_ENV = "DISTEXEC_KEY"
 # Upper bound on waiting for the control connection before running user code (it normally
 # takes one round trip; if it fails, the control thread ends the process anyway).
 CONTROL_SETUP_TIMEOUT = 30.0
@@ -120,9 +113,6 @@ except Exception:
     pass  # the worker notices that this process ended and says so
 """
 PULSE_MARKER = "distexec-pulse"
-# Layout of the progress region shared with a local task manager: (task id, attempt), zeros
-# between tasks. Must match distexec.launchers.local.PROGRESS (the worker does not import it).
-_PROGRESS = struct.Struct("=qq")
 
 
 def worker_info(worker_id: int | None) -> dict[str, Any]:
@@ -171,11 +161,12 @@ class _Outbox:
         self.nbytes = 0
         self.since = 0.0
 
-    def add(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
+    def add(self, task_id: int, attempt: int, status: int, payload: bytes, oob: list[Any],
+            duration: float, extra: Any, nbytes: int) -> None:
         if not self.items:
             self.since = time.monotonic()
-        self.items.append(item)
-        self.buffers.extend(buffers)
+        self.items.append(protocol.result_item(task_id, attempt, status, payload, oob,
+                                               duration, extra, self.buffers))
         self.nbytes += nbytes
 
     def due(self) -> bool:
@@ -184,14 +175,6 @@ class _Outbox:
             or self.nbytes >= FLUSH_MAX_BYTES
             or time.monotonic() - self.since >= FLUSH_MAX_DELAY
         )
-
-
-def _pack(payload: bytes, buffers: list[Any]) -> tuple[bytes | None, list[Any], int]:
-    """Put a small payload inline; a large one becomes the first of the item's buffers."""
-    size = serialization.nbytes(payload, buffers)
-    if len(payload) <= INLINE_LIMIT:
-        return payload, buffers, size
-    return None, [payload, *buffers], size
 
 
 class Worker:
@@ -301,13 +284,16 @@ class Worker:
                 self.flusher_armed = False
             self.send(protocol.RESULTS, (box.items,), box.buffers)
 
-    def add_result(self, item: tuple[Any, ...], buffers: list[Any], nbytes: int) -> None:
+    def add_result(self, task_id: int, attempt: int, status: int, payload: bytes,
+                   oob: list[Any], duration: float, extra: Any, nbytes: int = 0) -> None:
+        """Queue one finished task for the next RESULTS frame (see protocol.result_item);
+        ``nbytes`` is what it adds to the frame (payload, buffers and ``extra``)."""
         box = self.outbox  # only this thread adds; the flusher may swap it for an empty one
         if box.items and (box.nbytes + nbytes > self.max_message_size
-                          or len(box.buffers) + len(buffers) > protocol.MAX_BUFFERS - 64):
+                          or len(box.buffers) + len(oob) + 1 > protocol.MAX_BUFFERS - 64):
             self.flush()  # one batch must stay within the limits of one frame
         with self.out_cond:
-            self.outbox.add(item, buffers, nbytes)
+            self.outbox.add(task_id, attempt, status, payload, oob, duration, extra, nbytes)
 
     def before_task(self) -> None:
         """Results are about to wait while another task runs: make sure they are not held
@@ -424,17 +410,9 @@ class Worker:
                 self.once.add(fn_id)
         for fn_id in forget:
             self.fns.pop(fn_id, None)
-        cursor = 0
         last = len(items) - 1
-        for index, (task_id, attempt, fn_id, kind, inline, nbufs) in enumerate(items):
-            if inline is None:
-                payload = buffers[cursor]
-                cursor += 1
-                nbufs -= 1
-            else:
-                payload = inline
-            oob = buffers[cursor:cursor + nbufs]
-            cursor += nbufs
+        for index, (task_id, attempt, fn_id, kind, payload, oob) in enumerate(
+                protocol.read_task_items(items, buffers)):
             if self.outbox.items:
                 self.before_task()
             self.run_task(task_id, attempt, fn_id, kind, payload, oob)
@@ -458,20 +436,20 @@ class Worker:
             self.current = key
         progress = self.progress
         if progress is not None:
-            _PROGRESS.pack_into(progress, 0, task_id, attempt)
+            protocol.PROGRESS.pack_into(progress, 0, task_id, attempt)
         try:
             self._run_task(task_id, attempt, fn_id, kind, payload, oob)
         finally:
             if outer is None:
                 self.current = None
                 if progress is not None:
-                    _PROGRESS.pack_into(progress, 0, 0, 0)
+                    protocol.PROGRESS.pack_into(progress, 0, 0, 0)
             else:  # back to the parent that ran this child inline
                 with self.run_lock:
                     self.current = outer
                     self.outer.pop()
                 if progress is not None:
-                    _PROGRESS.pack_into(progress, 0, *outer)
+                    protocol.PROGRESS.pack_into(progress, 0, *outer)
 
     def _run_task(
         self, task_id: int, attempt: int, fn_id: int, kind: int, payload: Any, oob: list[Any]
@@ -507,8 +485,8 @@ class Worker:
         except BaseException as exc:
             duration = time.perf_counter() - start
             if type(exc) is TaskDeclined:
-                self.add_result((task_id, attempt, RESULT_DECLINED, b"", 0, duration,
-                                 serialization.safe_str(exc)), [], 0)
+                self.add_result(task_id, attempt, protocol.RESULT_DECLINED, b"", [], duration,
+                                serialization.safe_str(exc))
                 return
             if exc.__traceback__ is not None:
                 # Start the remote traceback at the user's function, not at this frame.
@@ -529,14 +507,14 @@ class Worker:
             err.__cause__ = exc
             self.report_error(task_id, attempt, err, duration, None)
             return
-        inline, bufs, size = _pack(data, bufs)
+        size = serialization.nbytes(data, bufs)
         if size > self.max_message_size:
-            del data, bufs, inline
+            del data, bufs
             self.report_error(task_id, attempt, too_large(
                 f"the result of task {task_id} ({serialization.describe_callable(fn)})", size,
                 self.max_message_size), duration, None)
             return
-        self.add_result((task_id, attempt, True, inline, len(bufs), duration, None), bufs, size)
+        self.add_result(task_id, attempt, protocol.RESULT_OK, data, bufs, duration, None, size)
 
     # -- what tasks ask for (distexec.context), on the client connection ---------------------
     def client(self) -> _Client:
@@ -784,11 +762,8 @@ class Worker:
                                 f"({message[:80]!r})", len(data) + len(text),
                                 self.max_message_size)
             data, type_name, message, text = serialization.dumps_exception(summary, note)
-        inline, bufs, size = _pack(data, [])
-        self.add_result(
-            (task_id, attempt, False, inline, len(bufs), duration, (type_name, message, text)),
-            bufs, size + len(text),
-        )
+        self.add_result(task_id, attempt, protocol.RESULT_RAISED, data, [], duration,
+                        (type_name, message, text), len(data) + len(text))
 
 
 class _Client:
@@ -978,10 +953,10 @@ def _read_key(args: argparse.Namespace) -> bytes:
     elif args.key_file:
         with open(args.key_file, "rb") as fh:
             line = fh.read().strip()
-    elif os.environ.get(KEY_ENV):
-        line = os.environ[KEY_ENV].strip().encode()
+    elif os.environ.get(protocol.KEY_ENV):
+        line = os.environ[protocol.KEY_ENV].strip().encode()
     else:
-        raise ValueError(f"no key: pass --key-file or set {KEY_ENV}")
+        raise ValueError(f"no key: pass --key-file or set {protocol.KEY_ENV}")
     try:
         key = bytes.fromhex(line.decode())
     except ValueError:
@@ -1108,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         import mmap
 
         try:
-            progress = mmap.mmap(args.progress_fd, _PROGRESS.size)
+            progress = mmap.mmap(args.progress_fd, protocol.PROGRESS.size)
         except (OSError, ValueError):
             progress = None
     worker = Worker(sock, int(welcome["worker_id"]), progress)

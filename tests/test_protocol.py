@@ -121,3 +121,31 @@ def test_refusal_carries_the_reason():
     wh = protocol.parse_welcome_header(welcome[:protocol.WELCOME.size])
     with pytest.raises(HandshakeError, match="3.10 there vs 3.11 here"):
         protocol.verify_welcome(key, nonce_m, nonce_w, wh, welcome[protocol.WELCOME.size:])
+
+
+def test_task_items_read_back_as_they_were_made():
+    big = b"p" * (protocol.INLINE_LIMIT + 1)
+    buffers: list = []
+    items = [protocol.task_item(1, 0, 7, 0, b"small", [b"o1"], buffers),
+             protocol.task_item(2, 3, 8, 1, big, [b"o2", b"o3"], buffers),
+             protocol.task_item(3, 1, 9, 0, b"", [], buffers)]
+    assert list(protocol.read_task_items(items, buffers)) == [
+        (1, 0, 7, 0, b"small", [b"o1"]), (2, 3, 8, 1, big, [b"o2", b"o3"]), (3, 1, 9, 0, b"", [])]
+    assert buffers[1] is big, "a large payload travels as a buffer, not in the meta pickle"
+
+
+def test_result_items_read_back_as_they_were_made():
+    big = b"r" * (protocol.INLINE_LIMIT + 1)
+    buffers: list = []
+    items = [protocol.result_item(1, 0, protocol.RESULT_OK, big, [b"x"], 0.5, None, buffers),
+             protocol.result_item(2, 0, protocol.RESULT_RAISED, b"exc", [], 0.1,
+                                  ("ValueError", "m", "tb"), buffers),
+             protocol.result_item(3, 2, protocol.RESULT_DECLINED, b"", [], 0.0, "no", buffers)]
+    # through a real frame, as the worker sends it and the manager reads it
+    stream = b"".join(bytes(p) for p in protocol.encode_frame(protocol.RESULTS, (items,),
+                                                              buffers))
+    decoder, (frame,) = decode_in_pieces(stream, random.Random(1))
+    assert list(protocol.read_result_items(frame.meta[0], frame.buffers)) == [
+        (1, 0, protocol.RESULT_OK, big, [b"x"], 0.5, None),
+        (2, 0, protocol.RESULT_RAISED, b"exc", [], 0.1, ("ValueError", "m", "tb")),
+        (3, 2, protocol.RESULT_DECLINED, b"", [], 0.0, "no")]

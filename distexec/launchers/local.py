@@ -12,12 +12,13 @@ import logging
 import mmap
 import os
 import signal
-import struct
 import site
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+
+from ..protocol import PROGRESS
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,8 @@ def _needs_pythonpath(python: str) -> bool:
 
 
 # The worker writes (task id, attempt) of the task it is running into a small shared memory
-# region, and zeros when it is between tasks. Reading it after a crash tells exactly which task
-# was running, at the cost of one memory store per task.
-PROGRESS = struct.Struct("=qq")
+# region (laid out as protocol.PROGRESS), and zeros when it is between tasks. Reading it after a
+# crash tells exactly which task was running, at the cost of one memory store per task.
 
 
 class LocalProcess:
