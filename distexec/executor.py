@@ -24,22 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError, too_large
-from .manager import (
-    CMD_ABORT,
-    CMD_BARRIER,
-    CMD_DELETE,
-    CMD_RETRIEVE,
-    CMD_STORE,
-    CMD_QUERY,
-    CMD_RESIZE,
-    CMD_STATUS,
-    CMD_SHUTDOWN,
-    CMD_TERMINATE,
-    Manager,
-    ManagerConfig,
-    SharedState,
-    interpreter_exiting,
-)
+from .manager import Manager, ManagerConfig, SharedState, events, interpreter_exiting
 from .context import Shared
 from .scheduler import Needs, Task, TaskKind, task_ids
 
@@ -517,7 +502,7 @@ class DistributedExecutor(Executor):
             # The user dropped the executor without shutting it down: finish and stop.
             with shared.lock:
                 shared.shutdown = True
-            manager.post((CMD_SHUTDOWN, False))
+            manager.post(events.Shutdown(False))
 
         # Held by the manager (alive with its thread), so the callback fires even when the
         # executor dies in a reference cycle.
@@ -728,16 +713,18 @@ class DistributedExecutor(Executor):
             resources=resources, retry_on=retry_on, fallback=fallback, depends_on=depends_on)
 
     # ------------------------------------------------------------------ control
-    def _ask(self, command: str, *args: Any) -> Any:
-        """Post a command that the manager answers; wait for the answer."""
+    def _ask(self, event_type: Callable[..., Any], *args: Any) -> Any:
+        """Post an event that the manager answers (its last field is the reply); wait for the
+        answer."""
         manager = self._manager
         if manager is None or not manager.thread.is_alive():
             return None
         reply: Future[Any] = Future()
+        event = event_type(*args, reply)
         if threading.current_thread() is manager.thread:  # called from a done-callback
-            manager._command((command, *args, reply))
+            manager.handle_now(event)
             return reply.result()
-        manager.post((command, *args, reply))
+        manager.post(event)
         while True:
             try:
                 return reply.result(timeout=1.0)
@@ -766,7 +753,7 @@ class DistributedExecutor(Executor):
             raise ValueError("abort() needs a future returned by this executor")
         if future.done():
             return False
-        return bool(self._ask(CMD_ABORT, task_id))
+        return bool(self._ask(events.Abort, task_id))
 
     def resize(self, max_workers: int) -> None:
         """Change the number of local workers while the executor runs.
@@ -791,7 +778,7 @@ class DistributedExecutor(Executor):
             if manager is None:
                 self._config = _replace_workers(self._config, max_workers)
                 return
-        manager.post((CMD_RESIZE, max_workers))
+        manager.post(events.Resize(max_workers))
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> int:
         """Block until at least ``n`` workers are ready for tasks; start the executor if needed.
@@ -822,7 +809,7 @@ class DistributedExecutor(Executor):
 
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of the live workers (local and joined by hand), by worker id."""
-        snapshot = self._ask(CMD_QUERY) or []
+        snapshot = self._ask(events.Query) or []
         return [WorkerInfo(**item) for item in snapshot]
 
     def wait_for_all(self, timeout: float | None = None) -> None:
@@ -839,7 +826,7 @@ class DistributedExecutor(Executor):
         if threading.current_thread() is manager.thread:
             raise RuntimeError("wait_for_all() cannot be called from a done-callback: the task "
                                "manager would wait for itself")
-        manager.post((CMD_BARRIER, next(task_ids), reply))
+        manager.post(events.Barrier(next(task_ids), reply))
         try:
             reply.result(timeout)
         except FuturesTimeoutError:
@@ -952,7 +939,7 @@ class DistributedExecutor(Executor):
         # (Kept as writable as it was: an array stored writable is fetched writable.)
         snapshot: list[Any] = [bytes(b) if memoryview(b).readonly else bytearray(b) for b in oob]
         self.start()
-        self._ask(CMD_STORE, name, payload, snapshot)
+        self._ask(events.Store, name, payload, snapshot)
 
     def retrieve(self, name: str) -> Any:
         """Return a copy of the shared data stored under ``name`` (``retrieveData``).
@@ -963,7 +950,7 @@ class DistributedExecutor(Executor):
         manager = self._manager
         if manager is None:
             raise KeyError(f"no shared data named {name!r}")
-        payload, oob = self._ask(CMD_RETRIEVE, name) or (None, None)
+        payload, oob = self._ask(events.Retrieve, name) or (None, None)
         if payload is None:
             raise KeyError(f"no shared data named {name!r}")
         return serialization.loads(payload, oob)
@@ -977,7 +964,7 @@ class DistributedExecutor(Executor):
         """
         if self._manager is None:
             raise KeyError(f"no shared data named {name!r}")
-        self._ask(CMD_DELETE, name)
+        self._ask(events.Delete, name)
 
     def share(self, value: Any) -> Shared:
         """Store ``value`` under a new name and return a reference to pass as an argument:
@@ -997,7 +984,7 @@ class DistributedExecutor(Executor):
         Tasks get a tag with ``ex.options(tag=...)``; untagged tasks are counted under ``None``.
         Before the executor started, or after it stopped, the counts are empty.
         """
-        answer = self._ask(CMD_STATUS)
+        answer = self._ask(events.Status)
         counts, workers = answer if answer is not None else ({}, [])
         tags = {tag: TaskCounts(*c) for tag, c in counts.items()}
         total = TaskCounts(*(sum(c[i] for c in tags.values()) for i in range(5)))
@@ -1023,9 +1010,9 @@ class DistributedExecutor(Executor):
         if manager is None:
             return
         if cancel_running:
-            manager.post((CMD_TERMINATE, "shutdown(cancel_running=True)"))
+            manager.post(events.Terminate("shutdown(cancel_running=True)"))
         else:
-            manager.post((CMD_SHUTDOWN, cancel_futures))
+            manager.post(events.Shutdown(cancel_futures))
         if wait:
             manager.join()
 
@@ -1054,7 +1041,7 @@ class DistributedExecutor(Executor):
             self._shared.shutdown = True
             manager = self._manager
         if manager is not None:
-            manager.post((CMD_TERMINATE, reason, sig))
+            manager.post(events.Terminate(reason, sig))
 
     def _terminate(self, reason: str) -> None:
         """Stop now: cancel every future, running ones included, and kill every worker."""
@@ -1062,7 +1049,7 @@ class DistributedExecutor(Executor):
             self._shared.shutdown = True
             manager = self._manager
         if manager is not None:
-            manager.post((CMD_TERMINATE, reason))
+            manager.post(events.Terminate(reason))
             manager.join()
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:

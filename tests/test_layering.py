@@ -42,7 +42,9 @@ FORBIDDEN = {
     "serialization.py": ["manager", "executor", "protocol", "socket", "scheduler"],
     "scheduler.py": ["manager", "executor", "protocol", "socket", "serialization"],
     "errors.py": ["manager", "executor", "protocol", "serialization", "scheduler"],
-    "manager.py": ["executor"],
+    "manager/core.py": ["executor"],
+    "manager/events.py": ["executor", "socket", "protocol", "serialization", "scheduler"],
+    "manager/store.py": ["executor", "socket", "protocol", "serialization", "core"],
     "launchers/local.py": ["manager", "executor", "paramiko", "serialization", "socket"],
     "monitor.py": ["manager", "executor", "paramiko", "launchers", "scheduler"],
 }

@@ -34,8 +34,9 @@ dies before it is ready (during start-up or in the initializer) counts as a fail
 ``START_FAILURE_LIMIT`` of those in a row break the executor rather than relaunching forever.
 
 Dependencies: a task whose arguments include futures waits as BLOCKED; each dependency's
-done-callback (whatever thread runs it) posts ``CMD_DEP`` to the inbox, and the manager queues the
-task with the results in place of the futures, or fails it with DependencyError.
+done-callback (whatever thread runs it) posts a :class:`~distexec.manager.events.DependencyDone`
+to the inbox, and the manager queues the task with the results in place of the futures, or
+fails it with DependencyError.
 
 Requests from tasks arrive on each worker's *client* connection (see :mod:`distexec.protocol`):
 shared data (FETCH; FORGET goes to the holders when it changes), child tasks (SUBMIT: a Task
@@ -70,9 +71,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import protocol, serialization
-from ._version import __version__, installed_version
-from .errors import (
+from .. import protocol, serialization
+from . import events
+from .store import SharedStore
+from .._version import __version__, installed_version
+from ..errors import (
     BrokenDistributedExecutor,
     DependencyError,
     HandshakeError,
@@ -86,8 +89,8 @@ from .errors import (
     WorkerLostError,
     too_large,
 )
-from .launchers.local import LocalLauncher, LocalProcess
-from .scheduler import (
+from ..launchers.local import LocalLauncher, LocalProcess
+from ..scheduler import (
     Needs,
     Pool,
     Scheduler,
@@ -100,10 +103,10 @@ from .scheduler import (
 )
 
 if TYPE_CHECKING:  # the SSH launcher is imported only for an executor with hosts
-    from .launchers.hosts import HostSpec
-    from .launchers.ssh import SSHHost, SSHOptions, SSHProcess
+    from ..launchers.hosts import HostSpec
+    from ..launchers.ssh import SSHHost, SSHOptions, SSHProcess
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("distexec.manager")
 
 # A connection must complete the handshake within this many seconds or it is dropped.
 HANDSHAKE_TIMEOUT = 10.0
@@ -214,20 +217,6 @@ _MP_MARKER = b"multiprocessing"
 
 class _CannotTravel(Exception):
     """A task's function or arguments hold objects its worker cannot use (the message says)."""
-
-
-# Commands callers post to the inbox (anything that is not a Task).
-CMD_SHUTDOWN = "shutdown"  # (CMD_SHUTDOWN, cancel_futures)
-CMD_TERMINATE = "terminate"  # (CMD_TERMINATE, reason[, signal for local workers])
-CMD_ABORT = "abort"  # (CMD_ABORT, task_id, reply future -> bool)
-CMD_RESIZE = "resize"  # (CMD_RESIZE, n)
-CMD_QUERY = "query"  # (CMD_QUERY, reply future -> list of worker snapshots)
-CMD_STATUS = "status"  # (CMD_STATUS, reply future -> (tag counts, worker snapshots))
-CMD_BARRIER = "barrier"  # (CMD_BARRIER, task id, reply): reply once every earlier task ended
-CMD_DEP = "dep"  # (CMD_DEP, task id): one of the task's dependencies is done (from a callback)
-CMD_STORE = "store"  # (CMD_STORE, name, payload, buffers, reply)
-CMD_RETRIEVE = "retrieve"  # (CMD_RETRIEVE, name, reply -> (payload, buffers); KeyError)
-CMD_DELETE = "delete"  # (CMD_DELETE, name, reply -> None; KeyError)
 
 
 def force_cancel(future: Future[Any]) -> bool:
@@ -390,7 +379,6 @@ class Manager:
         self._start_failures = 0
         self._interrupted_starts = 0  # starting workers killed from outside, in a row
         self._last_start_failure = ""
-        self._exit_events: deque[Any] = deque()  # from reaper threads and SSH hosts
         self._target = config.max_workers  # local workers wanted (resize() changes it)
         self._zombies: dict[int, _Slot] = {}
         # Connections in their handshake -> deadline (accept order is deadline order).
@@ -403,8 +391,8 @@ class Manager:
         self._launch_not_before = 0.0  # restart backoff
         self._launch_timer = False  # a deadline to call _ensure_workers is pending
         self._barriers: list[tuple[int, Future[Any]]] = []  # (task id, reply) of wait_for_all
+        self._on_event = self._handlers()
         self._hosts: list[SSHHost] = []
-        self._host_events: deque[tuple[str, SSHHost, str]] = deque()  # from host threads
         self._host_failures: dict[str, int] = {}  # failed worker starts in a row, per host
         self.executor_ref: Any = None  # weakref to the executor, set by it
         self._started_at = time.monotonic()
@@ -412,14 +400,10 @@ class Manager:
         self._pools: dict[str, Pool] = {
             "local": Pool("local", config.resources, slots=config.max_workers)}
         self._warned_needs: set[Any] = set()  # needs no pool has, warned about once
-        # Shared data: name -> (version, payload, out-of-band buffers); and which workers have
-        # fetched a copy (told to FORGET it when it changes).
-        self._store: dict[str, tuple[int, Any, list[Any]]] = {}
-        self._store_readers: dict[str, set[int]] = {}
-        self._store_versions = itertools.count(1)
+        self._store = SharedStore()  # shared data, and which workers hold a copy
         self._registration: Any = None  # the name's registry file, removed at teardown
         if config.name is not None:
-            from . import monitor
+            from .. import monitor
 
             try:
                 self._registration = monitor.register(config.name, self.address, self.key)
@@ -447,8 +431,14 @@ class Manager:
                 self._wake_pending = False
                 raise
 
-    def post(self, command: Any) -> None:
-        self.shared.inbox.append(command)
+    def handle_now(self, event: Any) -> None:
+        """Manager thread only (an executor method called from a done-callback that runs
+        there): handle ``event`` at once, since waiting for the next turn would deadlock."""
+        self._on_event[type(event)](event)
+
+    def post(self, event: Any) -> None:
+        """Any thread: hand the manager a Task or an event (see :mod:`.events`)."""
+        self.shared.inbox.append(event)
         self.wake()
 
     def join(self, timeout: float | None = None) -> None:
@@ -479,10 +469,6 @@ class Manager:
         for key, mask in self._selector.select(timeout):
             key.data(key.fileobj, mask)
         self._drain_inbox()
-        while self._exit_events:
-            self._on_process_exit(self._exit_events.popleft())
-        while self._host_events:
-            self._on_host_event(*self._host_events.popleft())
         self._run_deadlines()
         self._dispatch()
         if self._barriers:
@@ -519,45 +505,52 @@ class Manager:
                         self._check_needs(item)
                 sched.add_task(item)
             else:
-                self._command(item)
+                self._on_event[type(item)](item)
 
-    def _command(self, command: tuple[Any, ...]) -> None:
-        name = command[0]
-        if name == CMD_SHUTDOWN:
-            self._closing = True
-            if command[1]:
-                for task in self._sched.cancel_queued():
-                    _cancel(task)
-        elif name == CMD_TERMINATE:
-            self._terminate(command[1], *command[2:])
-        elif name == CMD_ABORT:
-            _settle(command[2], True, self.abort(command[1]))
-        elif name == CMD_RESIZE:
-            self._resize(command[1])
-        elif name == CMD_QUERY:
-            _settle(command[1], True, self.snapshot())
-        elif name == CMD_BARRIER:
-            self._barriers.append((command[1], command[2]))
-            self._check_barriers()
-        elif name == CMD_DEP:
-            self._dependency_done(command[1])
-        elif name == CMD_STORE:
-            self._store_data(command[1], command[2], command[3])
-            _settle(command[4], True, None)
-        elif name == CMD_RETRIEVE:
-            entry = self._store.get(command[1])
-            _settle(command[2], entry is not None, entry[1:] if entry is not None
-                    else KeyError(f"no shared data named {command[1]!r}"))
-        elif name == CMD_DELETE:
-            found = command[1] in self._store
-            if found:
-                self._store_data(command[1], None, None)
-            _settle(command[2], found, None if found
-                    else KeyError(f"no shared data named {command[1]!r}"))
-        elif name == CMD_STATUS:
-            _settle(command[1], True, (self._sched.tag_counts(), self.snapshot()))
-        else:  # pragma: no cover - programming error
-            raise ValueError(f"unknown command {command!r}")
+    def _handlers(self) -> dict[type, Callable[[Any], None]]:
+        """What the manager does with each kind of event (see :mod:`.events`)."""
+        return {
+            events.Shutdown: self._on_shutdown,
+            events.Terminate: lambda e: self._terminate(e.reason, e.sig),
+            events.Abort: lambda e: _settle(e.reply, True, self.abort(e.task_id)),
+            events.Resize: lambda e: self._resize(e.n),
+            events.Query: lambda e: _settle(e.reply, True, self.snapshot()),
+            events.Status: lambda e: _settle(e.reply, True, (self._sched.tag_counts(),
+                                                             self.snapshot())),
+            events.Barrier: self._on_barrier,
+            events.DependencyDone: lambda e: self._dependency_done(e.task_id),
+            events.Store: self._on_store,
+            events.Retrieve: self._on_retrieve,
+            events.Delete: self._on_delete,
+            events.ProcessExited: lambda e: self._on_process_exit(e.proc),
+            events.HostChanged: lambda e: self._on_host_event(e.kind, e.host, e.detail),
+        }
+
+    def _on_shutdown(self, event: events.Shutdown) -> None:
+        self._closing = True
+        if event.cancel_futures:
+            for task in self._sched.cancel_queued():
+                _cancel(task)
+
+    def _on_barrier(self, event: events.Barrier) -> None:
+        self._barriers.append((event.task_id, event.reply))
+        self._check_barriers()
+
+    def _on_store(self, event: events.Store) -> None:
+        self._store_data(event.name, event.payload, event.buffers)
+        _settle(event.reply, True, None)
+
+    def _on_retrieve(self, event: events.Retrieve) -> None:
+        entry = self._store.get(event.name)
+        _settle(event.reply, entry is not None, (entry.payload, entry.buffers)
+                if entry is not None else KeyError(f"no shared data named {event.name!r}"))
+
+    def _on_delete(self, event: events.Delete) -> None:
+        found = event.name in self._store
+        if found:
+            self._store_data(event.name, None, None)
+        _settle(event.reply, found, None if found
+                else KeyError(f"no shared data named {event.name!r}"))
 
     # ---------------------------------------------------------------- deadlines
     def _at(self, when: float, callback: Callable[[], None]) -> None:
@@ -681,8 +674,7 @@ class Manager:
 
     def _exit_from_thread(self, proc: Any) -> None:
         # Reaper thread: hand the news to the manager thread.
-        self._exit_events.append(proc)
-        self.wake()
+        self.post(events.ProcessExited(proc))
 
     def _check_started(self, worker_id: int) -> None:
         record = self._sched.workers.get(worker_id)
@@ -751,7 +743,7 @@ class Manager:
     def _start_hosts(self) -> None:
         if not self.config.hosts:
             return
-        from .launchers.ssh import SSHHost, SSHOptions
+        from ..launchers.ssh import SSHHost, SSHOptions
 
         options = self.config.ssh or SSHOptions()
         for spec in self.config.hosts:
@@ -763,8 +755,7 @@ class Manager:
 
     def _host_event(self, kind: str, host: SSHHost, detail: str) -> None:
         # A host's thread: hand the news to the manager thread.
-        self._host_events.append((kind, host, detail))
-        self.wake()
+        self.post(events.HostChanged(kind, host, detail))
 
     def _on_host_event(self, kind: str, host: SSHHost, detail: str) -> None:
         if kind == "ready":
@@ -1479,13 +1470,11 @@ class Manager:
         kind = frame.kind
         if kind == protocol.FETCH:
             req_id, name = frame.meta
-            entry = self._store.get(name) if isinstance(name, str) else None
+            entry = self._store.fetch(name, conn.worker_id)
             if entry is None:
                 self._reply(conn, req_id, False, f"no shared data named {name!r}")
                 return
-            version, payload, oob = entry
-            self._store_readers.setdefault(name, set()).add(conn.worker_id)  # type: ignore[arg-type]
-            self._reply(conn, req_id, True, version, [payload, *oob])
+            self._reply(conn, req_id, True, entry.version, [entry.payload, *entry.buffers])
         elif kind == protocol.SUBMIT:
             self._child_submitted(conn, frame)
         elif kind == protocol.CLAIM:
@@ -1521,11 +1510,7 @@ class Manager:
     def _store_data(self, name: str, payload: Any, oob: list[Any] | None) -> None:
         """Store (or, with payload None, delete) shared data; workers holding a copy are told
         to forget it, ahead of any task submitted after this."""
-        if payload is None:
-            self._store.pop(name, None)
-        else:
-            self._store[name] = (next(self._store_versions), payload, oob or [])
-        for worker_id in self._store_readers.pop(name, ()):
+        for worker_id in self._store.put(name, payload, oob):
             slot = self._slots.get(worker_id)
             if slot is None:
                 continue
@@ -1638,7 +1623,7 @@ class Manager:
 
     def _dep_callback(self, task_id: int, _: Future[Any]) -> None:
         # Whichever thread completed the dependency: hand the news to the manager thread.
-        self.post((CMD_DEP, task_id))
+        self.post(events.DependencyDone(task_id))
 
     def _dependency_done(self, task_id: int) -> None:
         task = self._sched.tasks.get(task_id)
@@ -2037,7 +2022,7 @@ class Manager:
     def _check_remote(self, data: Any, obj: Any, slot: _Slot) -> None:
         """Raise _CannotTravel if ``obj`` (pickled as ``data``, which mentions
         multiprocessing) holds objects a worker not started here cannot use."""
-        from .mpobjects import check_for_remote
+        from ..mpobjects import check_for_remote
 
         record = self._sched.workers.get(slot.worker_id)
         where = record.describe() if record is not None else f"worker {slot.worker_id}"
@@ -2058,7 +2043,7 @@ class Manager:
                 "Pass picklable arguments (plain data, arrays, module-level objects), or open "
                 "resources such as files and connections inside the task instead")
         if "through inheritance" in serialization.safe_str(exc) or "fork" in type(exc).__name__:
-            from .mpobjects import explain_pickling_error
+            from ..mpobjects import explain_pickling_error
 
             hint = explain_pickling_error(exc) or hint
         err = TaskPicklingError(
@@ -2166,7 +2151,7 @@ class Manager:
             if type(item) is Task:
                 if item.future.set_running_or_notify_cancel():
                     _settle(item.future, False, exc)
-            elif item[0] == CMD_SHUTDOWN:
+            elif type(item) is events.Shutdown:
                 self._closing = True
 
     # ---------------------------------------------------------------- worker loss
@@ -2437,7 +2422,7 @@ class Manager:
                 pass
         self._selector.close()
         if self._registration is not None:
-            from . import monitor
+            from .. import monitor
 
             monitor.unregister(self._registration)
         _live_managers.discard(self)
@@ -2536,7 +2521,7 @@ def _python_exit() -> None:
     for manager in managers:
         with manager.shared.lock:
             manager.shared.shutdown = True
-        manager.post((CMD_SHUTDOWN, False))
+        manager.post(events.Shutdown(False))
     for manager in managers:
         manager.join()
 

@@ -1,0 +1,31 @@
+"""The task manager: one thread per executor that owns every table, socket and process.
+
+The package is being cut into rooms, one responsibility each (issue 12); so far:
+
+* :mod:`.core` -- the :class:`Manager` itself: the loop, connections and handshakes, the
+  worker fleet, heartbeats, dispatch and results, child tasks, dependencies, the store and
+  status. Runs on the ``distexec-manager`` thread, except the methods marked "caller side".
+* :mod:`.events` -- what other threads tell the manager: one small typed event each, posted
+  to its one inbox.
+* :mod:`.store` -- shared data (``store()``/``retrieve()``) and which workers hold a copy.
+"""
+
+from . import events
+from .core import (
+    MAX_PENDING_HANDSHAKES,
+    REFUSAL_LOG_BURST,
+    Manager,
+    ManagerConfig,
+    SharedState,
+    interpreter_exiting,
+)
+
+__all__ = [
+    "MAX_PENDING_HANDSHAKES",
+    "REFUSAL_LOG_BURST",
+    "Manager",
+    "ManagerConfig",
+    "SharedState",
+    "events",
+    "interpreter_exiting",
+]
