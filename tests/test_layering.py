@@ -45,6 +45,7 @@ FORBIDDEN = {
     "manager/core.py": ["executor"],
     "manager/events.py": ["executor", "socket", "protocol", "serialization", "scheduler"],
     "manager/store.py": ["executor", "socket", "protocol", "serialization", "core"],
+    "manager/handshakes.py": ["executor", "socket", "protocol", "serialization", "core"],
     "launchers/local.py": ["manager", "executor", "paramiko", "serialization", "socket"],
     "monitor.py": ["manager", "executor", "paramiko", "launchers", "scheduler"],
 }

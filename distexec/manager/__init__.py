@@ -8,6 +8,11 @@ The package is being cut into rooms, one responsibility each (issue 12); so far:
 * :mod:`.events` -- what other threads tell the manager: one small typed event each, posted
   to its one inbox.
 * :mod:`.store` -- shared data (``store()``/``retrieve()``) and which workers hold a copy.
+* :mod:`.handshakes` -- connections still in their handshake (bounded, with deadlines) and
+  the rate-limited log of refused connections.
+
+The rooms other than ``core`` are plain classes with no sockets or timers, used by the manager
+thread only, and tested by feeding them directly (``tests/test_rooms.py``).
 """
 
 from . import events

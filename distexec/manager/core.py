@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol, serialization
 from . import events
+from .handshakes import PendingHandshakes, RefusalLog
 from .store import SharedStore
 from .._version import __version__, installed_version
 from ..errors import (
@@ -382,11 +383,9 @@ class Manager:
         self._target = config.max_workers  # local workers wanted (resize() changes it)
         self._zombies: dict[int, _Slot] = {}
         # Connections in their handshake -> deadline (accept order is deadline order).
-        self._handshaking: dict[_Conn, float] = {}
-        self._handshake_timer = False
-        self._refusals_window_end = 0.0
-        self._refusals_logged = 0
-        self._refusals_unlogged = 0
+        self._pending = PendingHandshakes(MAX_PENDING_HANDSHAKES, HANDSHAKE_TIMEOUT)
+        self._handshake_timer = False  # a deadline is armed for the oldest pending handshake
+        self._refusals = RefusalLog(logger, REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW)
         self._crash_streak = 0  # workers lost in a row with no task finishing in between
         self._launch_not_before = 0.0  # restart backoff
         self._launch_timer = False  # a deadline to call _ensure_workers is pending
@@ -819,15 +818,13 @@ class Manager:
             conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol.set_keepalive(conn_sock)
             conn = _Conn(conn_sock, f"{addr[0]}:{addr[1]}")
-            if len(self._handshaking) >= MAX_PENDING_HANDSHAKES:
+            if self._pending.full():
                 self._drop_oldest_handshake(f"{MAX_PENDING_HANDSHAKES} connections were waiting "
                                             "to complete their handshake; dropped the oldest")
             self._conns.add(conn)
             self._selector.register(conn_sock, selectors.EVENT_READ, self._io_handler(conn))
-            self._handshaking[conn] = time.monotonic() + HANDSHAKE_TIMEOUT
-            if not self._handshake_timer:
-                self._handshake_timer = True
-                self._at(self._handshaking[conn], self._expire_handshakes)
+            self._pending.add(conn, time.monotonic())
+            self._arm_handshake_timer()
             self._send_raw(conn, [protocol.make_hello(conn.nonce_m)])
 
     def _io_handler(self, conn: _Conn) -> Callable[[Any, int], None]:
@@ -852,20 +849,23 @@ class Manager:
             pass  # registered already
 
     def _drop_oldest_handshake(self, reason: str) -> None:
-        if self._handshaking:
-            self._reject(next(iter(self._handshaking)), reason)
+        oldest = self._pending.oldest()
+        if oldest is not None:
+            self._reject(oldest, reason)
 
-    def _expire_handshakes(self) -> None:
-        """Drop the connections whose handshake is overdue (they are in deadline order)."""
-        self._handshake_timer = False
-        now = time.monotonic()
-        while self._handshaking:
-            conn, deadline = next(iter(self._handshaking.items()))
-            if deadline > now:
+    def _arm_handshake_timer(self) -> None:
+        if not self._handshake_timer:
+            deadline = self._pending.next_deadline()
+            if deadline is not None:
                 self._handshake_timer = True
                 self._at(deadline, self._expire_handshakes)
-                return
+
+    def _expire_handshakes(self) -> None:
+        """Drop the connections whose handshake is overdue."""
+        self._handshake_timer = False
+        for conn in self._pending.overdue(time.monotonic()):
             self._reject(conn, f"no complete handshake within {HANDSHAKE_TIMEOUT:g} s")
+        self._arm_handshake_timer()
 
     def _opened(self, conn: _Conn) -> None:
         """The peer proved it holds the key: from now on it speaks frames."""
@@ -877,19 +877,7 @@ class Manager:
 
     def _log_refusal(self, msg: str, *args: Any) -> None:
         """Log a refused connection, at most REFUSAL_LOG_BURST times per window."""
-        now = time.monotonic()
-        if now >= self._refusals_window_end:
-            if self._refusals_unlogged:
-                logger.warning("refused %d more connection(s) in the last %g s without "
-                               "logging each", self._refusals_unlogged, REFUSAL_LOG_WINDOW)
-            self._refusals_window_end = now + REFUSAL_LOG_WINDOW
-            self._refusals_logged = 0
-            self._refusals_unlogged = 0
-        if self._refusals_logged < REFUSAL_LOG_BURST:
-            self._refusals_logged += 1
-            logger.warning(msg, *args)
-        else:
-            self._refusals_unlogged += 1
+        self._refusals.log(time.monotonic(), msg, *args)
 
     def _reject(self, conn: _Conn, reason: str) -> None:
         self._log_refusal("refused connection from %s: %s", conn.peer, reason)
@@ -923,7 +911,7 @@ class Manager:
             if len(buf) > need:
                 raise ProtocolError("it sent data before the handshake completed")
             # Its handshake is complete, whatever the verdict: no longer pending.
-            self._handshaking.pop(conn, None)
+            self._pending.done(conn)
             info = protocol.verify_auth(self.key, conn.nonce_m, header,
                                         bytes(buf[protocol.AUTH.size:need]))
         except HandshakeError as exc:
@@ -1720,7 +1708,7 @@ class Manager:
         if conn not in self._conns:
             return
         self._conns.discard(conn)
-        self._handshaking.pop(conn, None)
+        self._pending.done(conn)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
