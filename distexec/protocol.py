@@ -524,7 +524,8 @@ def _bytes_allocator() -> Callable[[int], tuple[bytes, memoryview]] | None:
     return allocate
 
 
-_new_bytes = _bytes_allocator()
+# Made on first use (importing ctypes costs every process 1-2 ms); False: not made yet.
+_new_bytes: Callable[[int], tuple[bytes, memoryview]] | None | bool = False
 
 
 # Writable buffers at least this large (an array's memory) are received into a private
@@ -540,7 +541,10 @@ def _segment(length: int) -> tuple[Any, memoryview]:
     The meta section is always read-only (see encode_frame). Raises MemoryError."""
     size = length & _LENGTH_MASK
     if length & READONLY_BIT:
-        if _new_bytes is not None and size:
+        global _new_bytes
+        if _new_bytes is False:
+            _new_bytes = _bytes_allocator()
+        if callable(_new_bytes) and size:
             return _new_bytes(size)
     elif not length & BYTEARRAY_BIT and size >= _MAP_THRESHOLD and _MAP_FLAGS:
         try:
