@@ -396,7 +396,7 @@ def _add_payload(payload: Buffer, oob: Sequence[Buffer],
     return payload, len(oob)
 
 
-def _take_payload(inline: Any, nbufs: int, buffers: Sequence[Buffer],
+def _take_payload(inline: Any, nbufs: int, buffers: list[Buffer],
                   cursor: int) -> tuple[Any, list[Buffer], int]:
     if inline is None:
         payload = buffers[cursor]
@@ -404,7 +404,7 @@ def _take_payload(inline: Any, nbufs: int, buffers: Sequence[Buffer],
         nbufs -= 1
     else:
         payload = inline
-    return payload, list(buffers[cursor:cursor + nbufs]), cursor + nbufs
+    return payload, buffers[cursor:cursor + nbufs], cursor + nbufs
 
 
 def task_item(task_id: int, attempt: int, fn_id: int, kind: int, payload: Buffer,
@@ -415,7 +415,7 @@ def task_item(task_id: int, attempt: int, fn_id: int, kind: int, payload: Buffer
     return (task_id, attempt, fn_id, kind, inline, nbufs)
 
 
-def read_task_items(items: Sequence[tuple[Any, ...]], buffers: Sequence[Buffer]
+def read_task_items(items: Sequence[tuple[Any, ...]], buffers: list[Buffer]
                     ) -> Iterator[tuple[int, int, int, int, Any, list[Buffer]]]:
     """Inverse of :func:`task_item`: (task id, attempt, fn id, kind, payload, oob) each."""
     cursor = 0
@@ -434,7 +434,7 @@ def result_item(task_id: int, attempt: int, status: int, payload: Buffer,
     return (task_id, attempt, status, inline, nbufs, duration, extra)
 
 
-def read_result_items(items: Sequence[tuple[Any, ...]], buffers: Sequence[Buffer]
+def read_result_items(items: Sequence[tuple[Any, ...]], buffers: list[Buffer]
                       ) -> Iterator[tuple[int, int, int, Any, list[Buffer], float, Any]]:
     """Inverse of :func:`result_item`: (task id, attempt, status, payload, oob, duration,
     extra) each."""

@@ -9,10 +9,11 @@ Pickling strategy
   bytes travel out of band too (pickle would copy them into the pickle stream; the C pickler
   offers no hook for built-in types except ``persistent_id``, which costs a call per object,
   so it is switched on only when a quick look at the top of the object finds such a buffer,
-  see :func:`_has_big_buffer`). The receiving side reads a read-only buffer straight into a
-  new ``bytes`` object and a writable one into a ``bytearray`` (see
-  :class:`distexec.protocol.FrameDecoder`), so a large ``bytes`` argument or result is copied
-  by the kernel only: never into a pickle, never out of a receive buffer.
+  see :func:`_has_big_buffer`). The receiving side reads each buffer straight into what it
+  becomes: a read-only one into a new ``bytes`` object, a bytearray's into a ``bytearray``, an
+  array's into anonymous memory (see :class:`distexec.protocol.FrameDecoder`), so a large
+  ``bytes`` argument or result is copied by the kernel only: never into a pickle, never out of
+  a receive buffer.
 * The C pickler is tried first because it is several times faster than cloudpickle on plain data.
   Its output is kept only when it pickled nothing *by reference into* ``__main__`` (which a worker
   cannot import) and no module is registered with
@@ -275,10 +276,7 @@ def dumps_inband(obj: Any, main_versions: MainVersions | None = None) -> bytes:
     """Pickle ``obj`` into one byte string (used for functions and small control data); with
     ``main_versions``, the ``__main__`` globals it carries are versioned (see
     :class:`MainNamespace`)."""
-    data, buffers = dumps(obj, main_versions)
-    if buffers:
-        data = _dumps(obj, main_versions, False)[0]
-    return data
+    return _dumps(obj, main_versions, False)[0]
 
 
 def loads(data: Any, buffers: Any = ()) -> Any:

@@ -241,8 +241,15 @@ def test_fault_manager_proxy_of_a_frozen_manager_fails_instead_of_hanging():
         manager.shutdown()
 
 
+def worker_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate())
+
+
 def test_fault_no_unpickle_timeout_means_no_watchdog():
+    with DistributedExecutor(max_workers=1) as ex:
+        assert "distexec-watchdog" in ex.submit(worker_threads).result(timeout=30)
     with DistributedExecutor(max_workers=1, unpickle_timeout=None) as ex, Gate() as gate:
+        assert "distexec-watchdog" not in ex.submit(worker_threads).result(timeout=30)
         future = ex.submit(identity, OnUnpickle("block", gate.address))
         gate.wait_arrivals(1)
         assert not future.done()
