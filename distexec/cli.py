@@ -223,10 +223,14 @@ def _read_status_key(key_file: str | None) -> bytes | None:
         source = "DISTEXEC_KEY"
         if not text:
             return None
+    from .protocol import parse_key
+
     try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ValueError(f"the key in {source} is not hexadecimal") from None
+        return parse_key(text, f"the key in {source}")
+    except ValueError as exc:
+        if "hexadecimal" in str(exc):
+            raise ValueError(f"the key in {source} is not hexadecimal") from None
+        raise
 
 
 def _hosts_check(args: argparse.Namespace) -> int:

@@ -138,22 +138,19 @@ class TaskExecutor(Executor):
     executor that runs the task. ``shutdown`` does nothing (the executor is not the task's).
     """
 
-    _OPTIONS = ("tag", "priority", "resources", "time_limit", "max_retries")
-
     def __init__(self, worker: Any, options: dict[str, Any]) -> None:
         self._worker = worker
         self._options = options
 
     def options(self, **options: Any) -> TaskExecutor:
         """This executor with other options for the children it submits (``tag``,
-        ``priority``, ``resources``, ``time_limit``, ``max_retries``)."""
-        for name, value in options.items():
-            if name not in self._OPTIONS:
-                raise TypeError(f"options() got an unexpected option {name!r} (child tasks "
-                                f"take {', '.join(self._OPTIONS)})")
-            if name == "tag" and not isinstance(value, (str, int, float, tuple, type(None))):
-                raise TypeError("the tag of a child task must be a str, number, tuple or None")
-        return TaskExecutor(self._worker, {**self._options, **options})
+        ``priority``, ``resources``, ``time_limit``, ``max_retries``; checked here by the
+        rules of :meth:`DistributedExecutor.options`, with a tag of plain data)."""
+        from .options import check_child_options
+
+        merged = {**self._options, **options}
+        check_child_options(merged)
+        return TaskExecutor(self._worker, merged)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Submit ``fn(*args, **kwargs)`` as a child task; return its future."""

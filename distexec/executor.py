@@ -26,7 +26,14 @@ from . import protocol, serialization
 from .errors import BrokenDistributedExecutor, TaskPicklingError, too_large
 from .manager import Manager, ManagerConfig, SharedState, events, interpreter_exiting
 from .context import Shared
-from .scheduler import Needs, Task, TaskKind, task_ids
+from .options import (
+    UNSET,
+    TaskOptions,
+    check_max_retries,
+    check_resources,
+    check_timeout,
+)
+from .scheduler import Task, TaskKind, task_ids
 
 if TYPE_CHECKING:
     from .launchers.hosts import HostSpec
@@ -34,16 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
-# Shortest key accepted from the user (bytes): 128 bits.
-MIN_KEY_BYTES = 16
 
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "<unchanged>"
-
-
-_UNSET: Any = _Unset()
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -128,66 +126,6 @@ class ExecutorStatus:
     workers: list[WorkerInfo]
 
 
-def _check_time_limit(time_limit: float | None) -> float | None:
-    return _check_timeout(time_limit, "time_limit")
-
-
-def _check_timeout(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None")
-    if not value > 0:
-        raise ValueError(f"{name} must be positive")
-    return float(value)
-
-
-def _check_max_retries(max_retries: int | None) -> int | None:
-    if max_retries is None:
-        return None
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-        raise TypeError("max_retries must be an integer")
-    if max_retries < 0:
-        raise ValueError("max_retries must be >= 0")
-    return max_retries
-
-
-def _check_resources(spec: Any, what: str, offer: bool = False
-                     ) -> dict[str, float | str] | None:
-    """Validate a resources mapping: names to positive numbers, or to text labels."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        raise TypeError(f"{what} must be a dict such as {{'gpu': 1}}, got {type(spec).__name__}")
-    out: dict[str, float | str] = {}
-    for name, value in spec.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"{what}: resource names are identifiers such as 'gpu', "
-                             f"got {name!r}")
-        if isinstance(value, str):
-            out[name] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not value > 0 and not (offer and value == 0):
-                raise ValueError(f"{what}: {name}={value!r} must be positive")
-            out[name] = float(value)
-        else:
-            raise TypeError(f"{what}: {name}={value!r} must be a number or a text label")
-    if offer and "slots" in out:
-        raise ValueError(f"{what}: 'slots' is the number of workers, not a resource to set here")
-    return out
-
-
-def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...] | None:
-    if retry_on is None:
-        return None
-    classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
-    for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-            raise TypeError("retry_on must be an exception class or a tuple of them, got "
-                            f"{cls!r}")
-    return classes
-
-
 def _find_futures(args: tuple[Any, ...], kwargs: dict[str, Any] | None
                   ) -> list[Future[Any]] | None:
     """The futures among a call's arguments (top level only): its dependencies."""
@@ -227,22 +165,6 @@ def _is_loopback(host: str) -> bool:
             return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
         except (OSError, ValueError):
             return False
-
-
-def _parse_key(key: bytes | str) -> bytes:
-    if isinstance(key, str):
-        try:
-            raw = bytes.fromhex(key.strip())
-        except ValueError:
-            raise ValueError("key must be bytes, or a hexadecimal string") from None
-    elif isinstance(key, (bytes, bytearray)):
-        raw = bytes(key)
-    else:
-        raise TypeError("key must be bytes, a hexadecimal string or None")
-    if len(raw) < MIN_KEY_BYTES:
-        raise ValueError(f"key is too short ({len(raw)} bytes): use at least {MIN_KEY_BYTES} "
-                         "random bytes, e.g. from 'distexec keygen FILE'")
-    return raw
 
 
 def _ssh_options(**kwargs: Any) -> SSHOptions:
@@ -409,10 +331,10 @@ class DistributedExecutor(Executor):
                     "SSH hosts" if host_specs else "workers started by hand (listen=...)"))
         if worker_start_timeout <= 0:
             raise ValueError("worker_start_timeout must be positive")
-        retries = _check_max_retries(max_retries)
+        retries = check_max_retries(max_retries)
         if retries is None:
             raise TypeError("max_retries must be an integer")
-        self._time_limit = _check_time_limit(time_limit)
+        self._time_limit = check_timeout(time_limit, "time_limit")
         if heartbeat_timeout is not None and not heartbeat_timeout > 0:
             raise ValueError("heartbeat_timeout must be positive, or None to disable it")
         host, port = "127.0.0.1", 0
@@ -420,7 +342,7 @@ class DistributedExecutor(Executor):
             host, port = _parse_listen(listen)
         if key is None and os.environ.get(protocol.KEY_ENV):
             key = os.environ[protocol.KEY_ENV]
-        raw_key = _parse_key(key) if key is not None else None
+        raw_key = protocol.parse_key(key) if key is not None else None
         if raw_key is None and not _is_loopback(host):
             raise ValueError(
                 f"listening on {host} (not a loopback address) requires a key that the workers "
@@ -440,7 +362,7 @@ class DistributedExecutor(Executor):
             python=python,
             worker_start_timeout=worker_start_timeout,
             max_message_size=max_message_size,
-            unpickle_timeout=_check_timeout(unpickle_timeout, "unpickle_timeout"),
+            unpickle_timeout=check_timeout(unpickle_timeout, "unpickle_timeout"),
             listen_host=host,
             listen_port=port,
             key=raw_key or protocol.new_key(),
@@ -451,7 +373,7 @@ class DistributedExecutor(Executor):
                            accept_new_host_keys=accept_new_host_keys, tunnel=tunnel,
                            python=python) if host_specs else None,
             name=_check_name(name),
-            resources=_check_resources(resources, "resources", offer=True),
+            resources=check_resources(resources, "resources", offer=True),
         )
         self._shared = SharedState()
         self._manager: Manager | None = None
@@ -661,14 +583,14 @@ class DistributedExecutor(Executor):
     def options(
         self,
         *,
-        time_limit: float | None = _UNSET,
-        max_retries: int | None = _UNSET,
-        tag: Any = _UNSET,
-        priority: int = _UNSET,
-        resources: dict[str, float | str] | None = _UNSET,
-        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = _UNSET,
-        fallback: Callable[..., Any] | None = _UNSET,
-        depends_on: Iterable[Future[Any]] | None = _UNSET,
+        time_limit: float | None = UNSET,
+        max_retries: int | None = UNSET,
+        tag: Any = UNSET,
+        priority: int = UNSET,
+        resources: dict[str, float | str] | None = UNSET,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = UNSET,
+        fallback: Callable[..., Any] | None = UNSET,
+        depends_on: Iterable[Future[Any]] | None = UNSET,
     ) -> TaskOptions:
         """Return a view of this executor whose ``submit`` and ``map`` use other task options.
 
@@ -1108,93 +1030,6 @@ def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
     from dataclasses import replace
 
     return replace(config, max_workers=n)
-
-
-class TaskOptions:
-    """A view of a :class:`DistributedExecutor` that submits with other task options.
-
-    Made by :meth:`DistributedExecutor.options`; cheap, holds no state but the options
-    (see there for their meaning).
-    """
-
-    def __init__(self, executor: DistributedExecutor, time_limit: float | None,
-                 max_retries: int | None, tag: Any = None, priority: int = 0,
-                 resources: dict[str, float | str] | None = None,
-                 retry_on: tuple[type[BaseException], ...] | None = None,
-                 fallback: Callable[..., Any] | None = None,
-                 depends_on: tuple[Future[Any], ...] = ()) -> None:
-        self._executor = executor
-        self.time_limit = time_limit
-        self.max_retries = max_retries
-        self.tag = tag
-        self.priority = priority
-        self.resources = resources
-        self._needs = Needs(resources) if resources else None
-        self.retry_on = retry_on
-        self.fallback = fallback
-        self.depends_on = depends_on
-
-    def __repr__(self) -> str:
-        fields = ("time_limit", "max_retries", "tag", "priority", "resources", "retry_on",
-                  "fallback", "depends_on")
-        return "<TaskOptions " + " ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ">"
-
-    def options(
-        self,
-        *,
-        time_limit: float | None = _UNSET,
-        max_retries: int | None = _UNSET,
-        tag: Any = _UNSET,
-        priority: int = _UNSET,
-        resources: dict[str, float | str] | None = _UNSET,
-        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = _UNSET,
-        fallback: Callable[..., Any] | None = _UNSET,
-        depends_on: Iterable[Future[Any]] | None = _UNSET,
-    ) -> TaskOptions:
-        """These options, with the ones given replaced."""
-        if tag is not _UNSET:
-            hash(tag)  # TypeError for an unhashable tag, here rather than in the manager
-        if priority is not _UNSET and (isinstance(priority, bool)
-                                       or not isinstance(priority, int)):
-            raise TypeError("priority must be an integer")
-        if fallback is not _UNSET and fallback is not None and not callable(fallback):
-            raise TypeError("fallback must be callable")
-        deps: tuple[Future[Any], ...] = self.depends_on
-        if depends_on is not _UNSET:
-            deps = tuple(depends_on or ())
-            for dep in deps:
-                if not isinstance(dep, Future):
-                    raise TypeError(f"depends_on takes futures, got {type(dep).__name__}")
-        return TaskOptions(
-            self._executor,
-            self.time_limit if time_limit is _UNSET else _check_time_limit(time_limit),
-            self.max_retries if max_retries is _UNSET else _check_max_retries(max_retries),
-            self.tag if tag is _UNSET else tag,
-            self.priority if priority is _UNSET else priority,
-            self.resources if resources is _UNSET else _check_resources(resources,
-                                                                         "resources"),
-            self.retry_on if retry_on is _UNSET else _check_retry_on(retry_on),
-            self.fallback if fallback is _UNSET else fallback,
-            deps,
-        )
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        """:meth:`DistributedExecutor.submit` with these options."""
-        if not callable(fn):
-            raise TypeError(f"{type(fn).__name__!r} object is not callable")
-        return self._executor._submit(fn, args, kwargs or None, TaskKind.CALL, None, self)
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-    ) -> Iterator[T]:
-        """:meth:`DistributedExecutor.map` with these options (applied to each chunk)."""
-        return self._executor._map(fn, iterables, timeout, chunksize, buffersize,
-                                   self.time_limit, self)
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:

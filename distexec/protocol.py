@@ -171,6 +171,29 @@ def new_key() -> bytes:
     return os.urandom(KEY_SIZE)
 
 
+# Shortest key accepted (bytes): 128 bits.
+MIN_KEY_BYTES = 16
+
+
+def parse_key(key: bytes | bytearray | str, what: str = "key") -> bytes:
+    """An executor key given as bytes or as hexadecimal text (a key file, ``DISTEXEC_KEY``, a
+    worker's stdin): the one rule for the executor and the worker (ValueError/TypeError saying
+    what is wrong)."""
+    if isinstance(key, str):
+        try:
+            raw = bytes.fromhex(key.strip())
+        except ValueError:
+            raise ValueError(f"{what} must be bytes, or a hexadecimal string") from None
+    elif isinstance(key, (bytes, bytearray)):
+        raw = bytes(key)
+    else:
+        raise TypeError(f"{what} must be bytes, a hexadecimal string or None")
+    if len(raw) < MIN_KEY_BYTES:
+        raise ValueError(f"{what} is too short ({len(raw)} bytes): use at least {MIN_KEY_BYTES} "
+                         "random bytes, e.g. from 'distexec keygen FILE'")
+    return raw
+
+
 def new_nonce() -> bytes:
     return os.urandom(NONCE_SIZE)
 
@@ -578,11 +601,6 @@ class FrameDecoder:
         self._seg = 0
         self._off = 0
 
-    @property
-    def idle(self) -> bool:
-        """True when no partial frame is buffered (a clean point to close the stream)."""
-        return self._big is None and self._start == self._end
-
     def recv_buffer(self) -> memoryview:
         if self._big is not None:
             return self._big[2][self._seg][self._off:]
@@ -705,7 +723,6 @@ class OutQueue:
 
     def __init__(self) -> None:
         self._parts: deque[memoryview] = deque()
-        self.nbytes = 0
 
     def __bool__(self) -> bool:
         return bool(self._parts)
@@ -715,7 +732,6 @@ class OutQueue:
             mv = p if isinstance(p, memoryview) else memoryview(p)
             if mv.nbytes:
                 self._parts.append(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)
-                self.nbytes += mv.nbytes
 
     def write_to(self, sock: Any) -> int:
         """Write as much as the socket takes; return bytes written. Raises OSError on failure."""
@@ -729,7 +745,6 @@ class OutQueue:
             except (BlockingIOError, InterruptedError):
                 break
             total += sent
-            self.nbytes -= sent
             left = sent
             while left:
                 head = parts[0]

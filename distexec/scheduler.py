@@ -525,12 +525,11 @@ class WorkerRecord:
     """What the manager knows about one worker."""
 
     __slots__ = (
-        "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma",
-        "started_at", "connected_at", "info", "exitcode", "reason", "limited", "local",
-        "tasks_done", "blocked", "origin", "pool",
+        "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma", "limited",
+        "local", "tasks_done", "paused", "origin", "pool",
     )
 
-    def __init__(self, worker_id: int, host: str, max_tasks: int | None, now: float) -> None:
+    def __init__(self, worker_id: int, host: str, max_tasks: int | None) -> None:
         self.id = worker_id
         self.state = WorkerState.LAUNCHING
         self.host = host
@@ -539,17 +538,13 @@ class WorkerRecord:
         self.tasks_sent = 0
         self.max_tasks = max_tasks
         self.ewma: float | None = None
-        self.started_at = now
-        self.connected_at: float | None = None
-        self.info: dict[str, Any] = {}
-        self.exitcode: int | None = None
-        self.reason: str | None = None
         self.limited = 0  # assigned exclusive tasks (such a worker takes nothing more)
         self.local = True  # started by this executor on this machine
         self.origin = "local"  # "local", the label of the SSH host it runs on, or "joined"
         self.tasks_done = 0
-        # Sent no new task while set: an ABORT awaits its answer, or the worker is dying.
-        self.blocked = False
+        # Sent no new task while set: an ABORT awaits its answer, or the worker is dying (the
+        # manager's lifecycle sets it, see distexec.manager.lifecycle).
+        self.paused = False
         self.pool: Pool | None = None  # the resources it shares with its pool
 
     def __hash__(self) -> int:
@@ -566,7 +561,7 @@ class WorkerRecord:
     @property
     def window(self) -> int:
         """How many tasks this worker may hold at once (running + prefetched)."""
-        if self.blocked:
+        if self.paused:
             return 0
         if self.limited:
             return 1
@@ -625,10 +620,6 @@ class Scheduler:
         task.transition(TaskState.QUEUED)
         self.queue.append(task)
 
-    def has_work(self) -> bool:
-        """True while any task is blocked, queued or assigned."""
-        return bool(self.tasks)
-
     def _unassign(self, task: Task) -> None:
         worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
         if worker is not None and worker.assigned.pop(task.id, None) is not None:
@@ -660,32 +651,11 @@ class Scheduler:
             self._finish(task, TaskState.CANCELLED)
         return out
 
-    def result_arrived(
-        self, worker_id: int, task_id: int, attempt: int, duration: float, ok: bool
-    ) -> Task | None:
-        """Record a result; return the task, or None if the result is stale (drop it)."""
-        task = self.current(worker_id, task_id, attempt)
-        if task is not None:
-            self.settle(task, duration, ok)
-        return task
-
     def settle(self, task: Task, duration: float, ok: bool) -> None:
-        """Record the result of a task that :meth:`current` returned."""
+        """Record the result of an assigned task (the caller dropped stale results)."""
         assert task.worker_id is not None
         self._count_done(task.worker_id, duration)
         self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
-
-    def current(self, worker_id: int, task_id: int, attempt: int) -> Task | None:
-        """The task a result is for, or None if the result is stale."""
-        task = self.tasks.get(task_id)
-        if (
-            task is None
-            or task.state is not TaskState.ASSIGNED
-            or task.attempt != attempt
-            or task.worker_id != worker_id
-        ):
-            return None
-        return task
 
     def _count_done(self, worker_id: int, duration: float) -> None:
         worker = self.workers.get(worker_id)
@@ -743,10 +713,9 @@ class Scheduler:
 
     # -- workers -------------------------------------------------------------------------
     def add_worker(
-        self, worker_id: int, host: str, max_tasks: int | None, now: float,
-        pool: Pool | None = None,
+        self, worker_id: int, host: str, max_tasks: int | None, pool: Pool | None = None,
     ) -> WorkerRecord:
-        record = WorkerRecord(worker_id, host, max_tasks, now)
+        record = WorkerRecord(worker_id, host, max_tasks)
         self.workers[worker_id] = record
         if pool is not None:
             record.pool = pool
@@ -890,14 +859,3 @@ class Scheduler:
                     still.append(worker)
             ready = still
         return [(self.workers[wid], tasks) for wid, tasks in batches.items()]
-
-    # -- status --------------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        assigned = sum(len(w.assigned) for w in self.workers.values())
-        return {
-            "queued": len(self.queue),
-            "assigned": assigned,
-            "finished": sum(ended[0] for ended in self.tag_ended.values()),
-            "failed": sum(ended[1] for ended in self.tag_ended.values()),
-            "cancelled": sum(ended[2] for ended in self.tag_ended.values()),
-        }

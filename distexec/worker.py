@@ -64,7 +64,7 @@ from functools import partial
 from typing import Any
 
 from . import context, protocol, serialization
-from ._version import __version__, installed_version
+from ._version import versions
 from .errors import (HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError,
                      TaskUnpicklingError, too_large)
 
@@ -121,11 +121,8 @@ def worker_info(worker_id: int | None) -> dict[str, Any]:
         "worker_id": worker_id,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "python": "{}.{}.{}".format(*sys.version_info[:3]),
+        **versions(),
         "executable": sys.executable,
-        "cloudpickle": installed_version("cloudpickle"),
-        "tblib": installed_version("tblib"),
-        "distexec": __version__,
         "cpus": os.cpu_count() or 1,
     }
 
@@ -958,12 +955,10 @@ def _read_key(args: argparse.Namespace) -> bytes:
     else:
         raise ValueError(f"no key: pass --key-file or set {protocol.KEY_ENV}")
     try:
-        key = bytes.fromhex(line.decode())
-    except ValueError:
+        text = line.decode()
+    except UnicodeDecodeError:
         raise ValueError("the key must be hexadecimal") from None
-    if not key:
-        raise ValueError("the key is empty")
-    return key
+    return protocol.parse_key(text, "the key")
 
 
 def _adopt_mp_authkey(key: bytes) -> None:
@@ -974,32 +969,6 @@ def _adopt_mp_authkey(key: bytes) -> None:
     from multiprocessing import current_process
 
     current_process().authkey = key
-
-
-def parse_resources(spec: str) -> dict[str, float | str]:
-    """``"gpu=1,mem=16,zone=a"`` -> ``{"gpu": 1.0, "mem": 16.0, "zone": "a"}`` (ValueError with
-    what is wrong otherwise)."""
-    out: dict[str, float | str] = {}
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or not name.isidentifier() or not value:
-            raise ValueError(f"--resources: {part!r} is not NAME=VALUE (e.g. gpu=1,zone=a)")
-        if name == "slots":
-            raise ValueError("--resources: a worker started by hand has one slot; "
-                             "start several workers for more")
-        try:
-            number = float(value)
-        except ValueError:
-            out[name] = value
-        else:
-            if number < 0:
-                raise ValueError(f"--resources: {name}={value} must not be negative")
-            out[name] = number
-    return out
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -1052,7 +1021,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.key_stdin and args.mp_authkey_stdin:
             mp_authkey = bytes.fromhex(sys.stdin.buffer.readline().strip().decode())
         host, port = _parse_address(args.connect)
-        resources = parse_resources(args.resources) if args.resources else None
+        resources = None
+        if args.resources:
+            from .options import parse_resources
+
+            resources = parse_resources(args.resources)
     except (OSError, ValueError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE

@@ -1,7 +1,7 @@
 """The dependency arrows of the package hold (see ../shared STYLE: errors <- protocol,
 serialization, scheduler, launchers <- manager <- executor; the worker never imports the manager,
 the executor or paramiko; the local launcher takes only the progress layout from the protocol,
-which it shares with the worker)."""
+which it shares with the worker; the task manager's rooms with logic touch no sockets))."""
 
 from __future__ import annotations
 
@@ -18,10 +18,23 @@ pytestmark = pytest.mark.timeout(30)
 PKG = pathlib.Path(__file__).resolve().parent.parent / "distexec"
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
 def imports_of(path: pathlib.Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -36,6 +49,11 @@ def refers_to(imports: set[str], module: str) -> bool:
     return any(module in name.split(".") for name in imports)
 
 
+# The rooms with logic: no sockets, selectors, processes or threads of their own (they act
+# through the door, the launchers and the loop's deadlines), and no import of the loop itself.
+ROOM_FORBIDDEN = ["executor", "socket", "selectors", "subprocess", "threading", "paramiko",
+                  "core", "connections"]
+
 FORBIDDEN = {
     "worker.py": ["manager", "executor", "paramiko", "launchers"],
     "protocol.py": ["manager", "executor", "serialization", "scheduler", "launchers", "worker"],
@@ -46,7 +64,16 @@ FORBIDDEN = {
     "manager/events.py": ["executor", "socket", "protocol", "serialization", "scheduler"],
     "manager/store.py": ["executor", "socket", "protocol", "serialization", "core"],
     "manager/handshakes.py": ["executor", "socket", "protocol", "serialization", "core"],
+    # The door is the only room with sockets; it decides nothing about workers or tasks.
+    "manager/connections.py": ["executor", "serialization", "scheduler", "core", "fleet",
+                               "dispatch", "launchers"],
+    **{f"manager/{room}.py": ROOM_FORBIDDEN
+       for room in ("lifecycle", "fleet", "watchdog", "dispatch", "recovery", "stopping",
+                    "children", "deps", "status")},
+    "launchers/base.py": ["manager", "executor", "paramiko", "serialization", "socket",
+                          "protocol", "scheduler"],
     "launchers/local.py": ["manager", "executor", "paramiko", "serialization", "socket"],
+    "options.py": ["manager", "executor", "protocol", "socket", "serialization", "launchers"],
     "monitor.py": ["manager", "executor", "paramiko", "launchers", "scheduler"],
 }
 
@@ -103,3 +130,9 @@ def test_a_local_executor_loads_only_what_it_uses():
     caller, worker = proc.stdout.strip().splitlines()[-2:]
     assert caller == "[]", f"the caller loaded {caller}"
     assert worker == "[]", f"the worker loaded {worker}"
+
+
+def test_every_module_says_what_it_owns():
+    for path in PKG.rglob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc) > 40, f"{path.relative_to(PKG)} has no module docstring"

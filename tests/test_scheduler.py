@@ -26,7 +26,7 @@ def make(n, sched):
 
 
 def ready_worker(sched, wid, max_tasks=None):
-    w = sched.add_worker(wid, "h", max_tasks, now=0.0)
+    w = sched.add_worker(wid, "h", max_tasks)
     w.transition(WorkerState.CONNECTED)
     sched.worker_ready(wid)
     return w
@@ -73,17 +73,16 @@ def test_claim_refusal_cancels_task():
     assert t1.state is TaskState.CANCELLED and 1 not in sched.tasks
 
 
-def test_results_and_stale_results():
+def test_a_result_settles_its_task_and_frees_the_worker():
+    # (Stale results are recognised by the dispatch room: tests/test_rooms.py.)
     sched = Scheduler()
     (t,) = make(1, sched)
     ready_worker(sched, 1)
     sched.plan(always)
-    assert sched.result_arrived(1, t.id, attempt=99, duration=0.1, ok=True) is None  # stale
-    assert sched.result_arrived(2, t.id, attempt=1, duration=0.1, ok=True) is None  # wrong worker
-    assert sched.result_arrived(1, t.id, attempt=1, duration=0.1, ok=True) is t
-    assert t.state is TaskState.DONE and not sched.has_work()
-    assert sched.workers[1].state is WorkerState.IDLE
-    assert sched.result_arrived(1, t.id, attempt=1, duration=0.1, ok=True) is None  # duplicate
+    assert t.state is TaskState.ASSIGNED and sched.workers[1].state is WorkerState.BUSY
+    sched.settle(t, 0.1, True)
+    assert t.state is TaskState.DONE and not sched.tasks
+    assert sched.workers[1].state is WorkerState.IDLE and sched.workers[1].tasks_done == 1
 
 
 def test_lost_worker_requeue_keeps_order_and_bumps_attempt():
@@ -118,7 +117,7 @@ def test_invalid_transitions_raise():
     (t,) = make(1, sched)
     with pytest.raises(InvalidTransition):
         t.transition(TaskState.DONE)
-    w = sched.add_worker(1, "h", None, 0.0)
+    w = sched.add_worker(1, "h", None)
     with pytest.raises(InvalidTransition):
         w.transition(WorkerState.BUSY)
 
@@ -127,7 +126,7 @@ def test_cancel_queued_counts():
     sched = Scheduler()
     make(3, sched)
     out = sched.cancel_queued()
-    assert len(out) == 3 and sched.counts()["cancelled"] == 3 and not sched.has_work()
+    assert len(out) == 3 and sched.tag_counts()[None][4] == 3 and not sched.tasks
 
 
 # -- issue 5: priorities, placement, declines, the policy -------------------------------------
@@ -140,7 +139,7 @@ def task(i, priority=0, needs=None, time_limit=None):
 
 
 def pooled_worker(sched, wid, pool):
-    w = sched.add_worker(wid, "h", None, now=0.0, pool=pool)
+    w = sched.add_worker(wid, "h", None, pool=pool)
     w.transition(WorkerState.CONNECTED)
     sched.worker_ready(wid)
     return w
@@ -175,7 +174,7 @@ def test_needs_place_tasks_only_where_the_pool_has_them_free():
     assert sorted(t.id for t in sched.queue) == [2, 4]
     assert w1.limited == 1
     # Task 1 ends: the gpu is back, and task 2 can go to the now idle worker 1.
-    sched.result_arrived(1, 1, 1, 0.1, True)
+    sched.settle(sched.tasks[1], 0.1, True)
     assert gpus.used == {"gpu": 0.0}
     assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(1, [2])]
     # A lost worker gives its resources back too.
@@ -197,12 +196,12 @@ def test_slots_count_the_busy_workers_of_a_pool_and_wide_tasks_do_not_starve():
     # keep their slots free for it rather than taking task 3, ranked below it.
     assert {w.id: [t.id for t in ts] for w, ts in sched.plan(always)} == {1: [1]}
     assert pool.free_slots() == 2
-    sched.result_arrived(1, 1, 1, 0.1, True)
+    sched.settle(sched.tasks[1], 0.1, True)
     (worker, (wide,)), = sched.plan(always)
     assert wide.id == 2 and pool.free_slots() == 0  # one busy worker + two extra slots
     sched.add_task(task(4))
     assert sched.plan(always) == []  # no slot left for a plain task
-    sched.result_arrived(worker.id, 2, 1, 0.1, True)
+    sched.settle(sched.tasks[2], 0.1, True)
     assert pool.slot_extra == 0
     assert sorted(t.id for _, ts in sched.plan(always) for t in ts) == [3, 4]
 
@@ -231,11 +230,11 @@ def test_a_declined_task_never_returns_to_that_worker():
     assert sched.decline(t1) is True
     assert t1.state is TaskState.QUEUED and t1.declined == {1}
     assert sched.plan(always) == []  # worker 1 is free but declined it; worker 2 is busy
-    sched.result_arrived(2, 2, 1, 0.1, True)
+    sched.settle(sched.tasks[2], 0.1, True)
     assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(2, [1])]
     assert sched.decline(t1) is False  # now every live worker has declined it
     sched.fail_task(t1)
-    assert sched.counts()["failed"] == 1
+    assert sched.tag_counts()[None][3] == 1
 
 
 def test_blocked_tasks_count_as_waiting_and_can_be_cancelled():

@@ -25,8 +25,10 @@ import difflib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["HostSpec", "HostsFileError", "merge_duplicates", "parse_host", "parse_hosts",
+           "resources_from_settings",
            "read_hosts_file"]
 
 _KNOWN_KEYS = ("slots", "python")
@@ -196,3 +198,15 @@ def read_hosts_file(path: str | os.PathLike[str]) -> list[HostSpec]:
     """
     with open(path, encoding="utf-8") as fh:
         return parse_hosts(fh.read().splitlines(), os.fspath(path))
+
+
+def resources_from_settings(settings: Any) -> dict[str, float | str]:
+    """A hosts-file line's ``key=value`` settings as pool resources: numbers where they parse
+    as numbers (``gpu=2``), text labels otherwise (``zone=a``)."""
+    out: dict[str, float | str] = {}
+    for key, value in settings:
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out

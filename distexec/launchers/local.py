@@ -17,8 +17,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..protocol import PROGRESS
+from .base import Launcher, WorkerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +68,24 @@ def _needs_pythonpath(python: str) -> bool:
 # crash tells exactly which task was running, at the cost of one memory store per task.
 
 
-class LocalProcess:
+class LocalProcess(WorkerProcess):
     """Handle on one local worker process (owned by the task manager thread)."""
+
+    local_child = True
 
     def __init__(
         self, worker_id: int, popen: subprocess.Popen[bytes], progress: mmap.mmap | None = None
     ) -> None:
-        self.worker_id = worker_id
+        super().__init__(worker_id)
         self.popen = popen
         self.pid = popen.pid
         self._progress = progress
-        self.pidfd: int | None = None
+        self.exit_fd: int | None = None  # a pidfd, where the kernel has them
         if hasattr(os, "pidfd_open"):
             try:
-                self.pidfd = os.pidfd_open(popen.pid)
+                self.exit_fd = os.pidfd_open(popen.pid)
             except OSError:
-                self.pidfd = None
+                self.exit_fd = None
 
     def poll(self) -> int | None:
         """The exit code (negative: killed by that signal), or None while it runs."""
@@ -94,9 +98,6 @@ class LocalProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def describe_exit(self, code: int | None) -> str:
-        return describe_exit(code)
-
     def running_task(self) -> tuple[int, int] | None:
         """(task id, attempt) the worker was running last, or None if between tasks/unknown."""
         if self._progress is None:
@@ -105,7 +106,7 @@ class LocalProcess:
         return (task_id, attempt) if task_id else None
 
     @property
-    def reports_progress(self) -> bool:
+    def reports_progress(self) -> bool:  # type: ignore[override]
         return self._progress is not None
 
     def kill(self) -> None:
@@ -119,7 +120,7 @@ class LocalProcess:
             except ProcessLookupError:
                 pass
 
-    def watch(self, on_exit: Callable[[LocalProcess], None]) -> None:
+    def watch(self, on_exit: Callable[[Any], None]) -> None:
         """Fallback when there is no pidfd: call ``on_exit(self)`` from a thread at exit."""
 
         def wait() -> None:
@@ -132,9 +133,9 @@ class LocalProcess:
 
     def close(self) -> None:
         """Release the pidfd and the lifeline pipe (the worker exits when the pipe closes)."""
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+            self.exit_fd = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -145,8 +146,8 @@ class LocalProcess:
                 pass
 
 
-class LocalLauncher:
-    """Starts worker interpreters on this machine.
+class LocalLauncher(Launcher):
+    """Starts worker interpreters on this machine (the origin "local").
 
     Every worker gets, on its stdin (never in argv, which other users can read), the executor's
     key and then this process's multiprocessing authkey, so that it can use the proxies of this
@@ -160,11 +161,23 @@ class LocalLauncher:
             multiprocessing objects in ``initargs``).
     """
 
+    essential = True
+
     def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None,
-                 pass_fds: Sequence[int] = ()) -> None:
+                 pass_fds: Sequence[int] = (), wanted: int = 0,
+                 resources: Mapping[str, float | str] | None = None) -> None:
+        super().__init__("local", wanted)
+        self.host = os.uname().nodename if hasattr(os, "uname") else "localhost"
+        self._resources = dict(resources) if resources else None
         self.python = python or sys.executable
         self.env = dict(env or {})
         self.pass_fds = tuple(pass_fds)
+
+    def resources(self) -> tuple[dict[str, float | str] | None, int | None]:
+        return self._resources, self.wanted
+
+    def describe_start(self) -> str:
+        return self.python
 
     def command(self, address: str, worker_id: int, extra: Sequence[str] = ()) -> list[str]:
         return [

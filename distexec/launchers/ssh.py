@@ -42,7 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .hosts import HostSpec
+from .._version import mismatches, versions
+from .base import Launcher, WorkerProcess
+from .hosts import HostSpec, resources_from_settings
 
 logger = logging.getLogger(__name__)
 remote_logger = logging.getLogger("distexec.remote")
@@ -86,17 +88,6 @@ class SSHOptions:
     install: bool = True  # copy distexec & co. over SFTP when missing or of another version
 
 
-def _versions_here() -> dict[str, str]:
-    import cloudpickle
-    import tblib
-
-    from .._version import __version__
-
-    return {"python": "{}.{}.{}".format(*sys.version_info[:3]),
-            "cloudpickle": cloudpickle.__version__,
-            "tblib": getattr(tblib, "__version__", "unknown"), "distexec": __version__}
-
-
 def check_hosts(specs: list[HostSpec], options: SSHOptions,
                 timeout: float = 30.0) -> list[dict[str, Any]]:
     """Check every host in parallel, as the executor would before starting workers there.
@@ -105,7 +96,7 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
     ``distexec`` (what the host's interpreter imports; None if missing), ``slots``, ``rtt_ms``
     (an SSH round trip), ``problem`` (what is wrong and what to do, or "").
     """
-    here = _versions_here()
+    here = versions()
     rows: list[dict[str, Any]] = [{} for _ in specs]
 
     def check(index: int, spec: HostSpec) -> None:
@@ -126,7 +117,7 @@ def check_hosts(specs: list[HostSpec], options: SSHOptions,
             for name in ("python", "cloudpickle", "tblib", "distexec"):
                 row[name] = info.get(name)
             row["slots"] = spec.slots or info.get("cpus")
-            problems = version_problems(here, info)
+            problems = mismatches(here, info)
             row["problem"] = ""
             if any(p.startswith("Python") for p in problems):
                 row["problem"] = (f"{problems[0]}: set python=/path/to/python"
@@ -359,18 +350,6 @@ def probe_host(client: Any, python: str, pythonpath: str | None, timeout: float)
     return info
 
 
-def version_problems(here: dict[str, str], there: dict[str, Any]) -> list[str]:
-    """What differs between this interpreter and the host's (Python minor and packages)."""
-    problems = []
-    if ".".join(str(there.get("python", "")).split(".")[:2]) != \
-            ".".join(here["python"].split(".")[:2]):
-        problems.append(f"Python {there.get('python')} there, {here['python']} here")
-    for name in ("cloudpickle", "tblib", "distexec"):
-        if there.get(name) != here[name]:
-            problems.append(f"{name} {there.get(name) or 'missing'} there, {here[name]} here")
-    return problems
-
-
 def _package_files() -> list[tuple[str, str]]:
     """(local path, relative path) of every file of distexec, cloudpickle and tblib to copy."""
     import cloudpickle
@@ -445,16 +424,12 @@ def install_packages(client: Any, here: dict[str, str]) -> str:
         sftp.close()
 
 
-class SSHProcess:
-    """The task manager's handle on one remote worker (mirrors LocalProcess)."""
-
-    pidfd = None
-    reports_progress = False
+class SSHProcess(WorkerProcess):
+    """The task manager's handle on one remote worker, started on an SSH channel."""
 
     def __init__(self, host: SSHHost, worker_id: int) -> None:
+        super().__init__(worker_id)  # pid: set from the worker's handshake
         self.host = host
-        self.worker_id = worker_id
-        self.pid: int | None = None  # set by the task manager from the worker's handshake
         self.channel: Any = None
         self._code: int | None = None
         self._reason: str | None = None
@@ -466,18 +441,13 @@ class SSHProcess:
     def poll(self) -> int | None:
         return self._code if self._done.is_set() else None
 
-    def running_task(self) -> tuple[int, int] | None:
-        return None
-
     def describe_exit(self, code: int | None) -> str:
-        from .local import describe_exit
-
         if self._reason:
             return self._reason
         if code == -1:
             return (f"it ended with no exit status (killed by a signal, or the SSH connection "
                     f"to {self.host.spec.label} was lost)")
-        return describe_exit(code) + f" on {self.host.spec.label}"
+        return super().describe_exit(code) + f" on {self.host.spec.label}"
 
     def finish(self, code: int, reason: str | None = None) -> None:
         """The worker is over (any thread). Calls the watcher once."""
@@ -491,7 +461,7 @@ class SSHProcess:
         for callback in callbacks:
             callback(self)
 
-    def watch(self, on_exit: Callable[[SSHProcess], None]) -> None:
+    def watch(self, on_exit: Callable[[Any], None]) -> None:
         with self._lock:
             if not self._done.is_set():
                 self._callbacks.append(on_exit)
@@ -511,21 +481,25 @@ class SSHProcess:
             self.host.submit(functools.partial(self.host.kill_now, self))
 
 
-class SSHHost:
-    """One host: its SSH connection, tunnel and workers. See the module docstring."""
+class SSHHost(Launcher):
+    """One host: its SSH connection, tunnel and workers. See the module docstring.
+
+    The :class:`~distexec.launchers.base.Launcher` fields (``state``, ``wanted``, ``info``,
+    ``error``, ``not_before``) belong to the manager thread: the host's own thread reports what
+    it found through ``on_ready(host, info, slots)`` and ``on_failed(host, error)``, which post
+    events, and keeps its findings in private fields.
+    """
 
     def __init__(self, spec: HostSpec, options: SSHOptions, manager_address: str,
-                 on_ready: Callable[[SSHHost], None], on_failed: Callable[[SSHHost, str], None]):
+                 on_ready: Callable[[SSHHost, dict[str, Any], int], None],
+                 on_failed: Callable[[SSHHost, str], None]):
+        super().__init__(spec.label, spec.slots or 0, state="starting")
         self.spec = spec
         self.options = options
         self.manager_address = manager_address
         self.python = spec.python or options.python or sys.executable
-        self.slots = spec.slots or 0  # known after the check
-        self.info: dict[str, Any] = {}
+        self._slots = spec.slots or 0  # known after the check (host thread)
         self.pythonpath: str | None = None
-        self.state = "connecting"
-        self.error: str | None = None
-        self.not_before = 0.0  # no worker start before (after failed starts); manager thread
         self.client: Any = None
         self.forward_port: int | None = None
         self._on_ready = on_ready
@@ -537,7 +511,14 @@ class SSHHost:
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"distexec-launch-{spec.label}")
 
-    def start(self) -> None:
+    def resources(self) -> tuple[dict[str, float | str] | None, int | None]:
+        return resources_from_settings(self.spec.settings), self.wanted or None
+
+    def describe_start(self) -> str:
+        return f"{self.python} on {self.label}"
+
+    def open(self) -> None:
+        """Start the host's thread: connect, check, then start workers as asked."""
         self.thread.start()
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -558,21 +539,16 @@ class SSHHost:
     # ---------------------------------------------------------------- host thread
     def _run(self) -> None:
         try:
-            self._setup()
+            info = self._setup()
         except HostError as exc:
-            self.state = "failed"
-            self.error = str(exc)
             self._shutdown()
-            self._on_failed(self, self.error)
+            self._on_failed(self, str(exc))
             return
         except Exception as exc:  # paramiko raises many types; all mean "unusable"
-            self.state = "failed"
-            self.error = f"{self.spec.label}: {type(exc).__name__}: {exc}"
             self._shutdown()
-            self._on_failed(self, self.error)
+            self._on_failed(self, f"{self.spec.label}: {type(exc).__name__}: {exc}")
             return
-        self.state = "ready"
-        self._on_ready(self)
+        self._on_ready(self, info, self._slots)
         while True:
             with self._cond:
                 while not self._jobs and not self._closing:
@@ -586,15 +562,15 @@ class SSHHost:
                 logger.exception("host %s: a launcher job failed", self.spec.label)
         self._shutdown()
 
-    def _setup(self) -> None:
-        here = _versions_here()
+    def _setup(self) -> dict[str, Any]:
+        here = versions()
         self.client = connect(self.spec, self.options)
         timeout = max(30.0, self.options.connect_timeout)
         try:
             info = probe_host(self.client, self.python, None, timeout)
         except HostError as exc:
             raise HostError(f"{self.spec.label}: {exc}") from None
-        problems = version_problems(here, info)
+        problems = mismatches(here, info)
         python_problem = [p for p in problems if p.startswith("Python")]
         if python_problem:
             raise HostError(f"{self.spec.label}: {python_problem[0]} ({self.python}); set "
@@ -608,19 +584,19 @@ class SSHHost:
                         "; ".join(problems))
             self.pythonpath = install_packages(self.client, here)
             info = probe_host(self.client, self.python, self.pythonpath, timeout)
-            problems = version_problems(here, info)
+            problems = mismatches(here, info)
             if problems:
                 raise HostError(f"{self.spec.label}: still {'; '.join(problems)} after "
                                 f"installing into {self.pythonpath}")
-        self.info = info
-        if not self.slots:
-            self.slots = int(info.get("cpus") or 1)
+        if not self._slots:
+            self._slots = int(info.get("cpus") or 1)
         transport = self.client.get_transport()
         if self.options.tunnel:
             self.forward_port = transport.request_port_forward("127.0.0.1", 0,
                                                                self._pump.incoming)
         logger.info("host %s ready: Python %s, %d slot(s)%s", self.spec.label, info["python"],
-                    self.slots, ", through an SSH tunnel" if self.options.tunnel else "")
+                    self._slots, ", through an SSH tunnel" if self.options.tunnel else "")
+        return info
 
     def worker_command(self, worker_id: int, connect: str) -> str:
         env = f"env PYTHONPATH={shlex.quote(self.pythonpath)} " if self.pythonpath else ""
@@ -628,9 +604,11 @@ class SSHHost:
                 "--worker-id", str(worker_id), "--key-stdin"]
         return "exec " + env + " ".join(shlex.quote(a) for a in args)
 
-    def launch(self, worker_id: int, key: bytes) -> SSHProcess:
-        """Start a worker (any thread; returns its handle at once). Each start is a few round
-        trips on the SSH connection, so starts run in threads of their own, side by side."""
+    def start(self, worker_id: int, address: str, key: bytes) -> SSHProcess:
+        """Start a worker (returns its handle at once). Each start is a few round trips on the
+        SSH connection, so starts run in threads of their own, side by side. ``address`` is
+        not used: the worker connects through the tunnel, or to the address of this machine
+        as the host sees it."""
         proc = SSHProcess(self, worker_id)
         threading.Thread(target=self._launch_now, args=(proc, key), daemon=True,
                          name=f"distexec-launch-{self.spec.label}-{worker_id}").start()

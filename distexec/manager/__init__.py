@@ -16,14 +16,8 @@ thread only, and tested by feeding them directly (``tests/test_rooms.py``).
 """
 
 from . import events
-from .core import (
-    MAX_PENDING_HANDSHAKES,
-    REFUSAL_LOG_BURST,
-    Manager,
-    ManagerConfig,
-    SharedState,
-    interpreter_exiting,
-)
+from .connections import MAX_PENDING_HANDSHAKES, REFUSAL_LOG_BURST
+from .core import Manager, ManagerConfig, SharedState, interpreter_exiting
 
 __all__ = [
     "MAX_PENDING_HANDSHAKES",

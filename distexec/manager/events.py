@@ -17,8 +17,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..launchers.local import LocalProcess
-    from ..launchers.ssh import SSHHost, SSHProcess
+    from ..launchers.base import Launcher, WorkerProcess
 
 
 class _Event:
@@ -141,21 +140,26 @@ class Delete(_Event):
 
 
 class ProcessExited(_Event):
-    """A worker process the executor started has exited (from its reaper thread or its SSH
-    host's thread; pidfds are watched by the manager's selector directly)."""
+    """A worker process the executor started has exited (from its reaper thread or its
+    launcher's thread; pidfds are watched by the manager's selector directly)."""
 
     __slots__ = ("proc",)
 
-    def __init__(self, proc: LocalProcess | SSHProcess) -> None:
+    def __init__(self, proc: WorkerProcess) -> None:
         self.proc = proc
 
 
 class HostChanged(_Event):
-    """An SSH host's thread reports progress: ``kind`` is what happened, ``detail`` says more."""
+    """A launcher's thread (an SSH host's) reports progress: ``kind`` is "ready" (then
+    ``info`` describes the host's interpreter and ``slots`` is how many workers it takes) or
+    "failed" (``detail`` says why). The manager thread alone updates the launcher's state."""
 
-    __slots__ = ("kind", "host", "detail")
+    __slots__ = ("kind", "host", "detail", "info", "slots")
 
-    def __init__(self, kind: str, host: SSHHost, detail: str) -> None:
+    def __init__(self, kind: str, host: Launcher, detail: str,
+                 info: dict[str, Any] | None = None, slots: int = 0) -> None:
         self.kind = kind
         self.host = host
         self.detail = detail
+        self.info = info
+        self.slots = slots
