@@ -1,17 +1,17 @@
-"""`DistributedExecutor`: the public face. Argument checks, submit/map/shutdown, nothing else.
+"""`DistributedExecutor`: the public face. submit/map/shutdown and the control methods.
 
 ``submit()`` does as little as possible in the caller's thread: it checks two flags under one
 lock, files a :class:`~distexec.scheduler.Task` in the manager's inbox and wakes the manager. The
-task manager thread (:mod:`distexec.manager`) does everything else.
+task manager thread (:mod:`distexec.manager`) does everything else. The constructor's checks
+live in :mod:`distexec.settings`, the task options in :mod:`distexec.options`, the task-farm
+methods (tags, barriers, shared data, status) in :mod:`distexec.toolbox`. Caller threads only.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import os
 import signal
-import socket
 import threading
 import time
 import weakref
@@ -19,111 +19,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from . import protocol, serialization
-from .errors import BrokenDistributedExecutor, TaskPicklingError, too_large
+from . import protocol
+from .errors import BrokenDistributedExecutor
 from .manager import Manager, ManagerConfig, SharedState, events, interpreter_exiting
-from .context import Shared
-from .options import (
-    UNSET,
-    TaskOptions,
-    check_max_retries,
-    check_resources,
-    check_timeout,
-)
+from .options import UNSET, TaskOptions, check_timeout
+from .reports import ExecutorStatus, TaskCounts, WorkerInfo
 from .scheduler import Task, TaskKind, task_ids
-
-if TYPE_CHECKING:
-    from .launchers.hosts import HostSpec
-    from .launchers.ssh import SSHOptions
+from .settings import executor_config
+from .toolbox import TagBook, TaskFarm
 
 __all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
 
-
-
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-
-_shared_ids = itertools.count(1)
-
-
-def _default_workers() -> int:
-    count = getattr(os, "process_cpu_count", None)
-    n = count() if count is not None else None
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count()
-    return n or 1
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """A snapshot of one worker, as returned by :meth:`DistributedExecutor.workers`.
-
-    Attributes:
-        worker_id: the executor's number for the worker (never reused).
-        host: the host name the worker reported.
-        pid: its process id on that host.
-        state: ``"launching"``, ``"connected"`` (running the initializer), ``"idle"``,
-            ``"busy"`` or ``"draining"`` (leaving after the tasks it holds).
-        local: True if this executor started it on this machine.
-        origin: ``"local"``, the label of the SSH host it was started on, or ``"joined"``
-            (started by hand).
-        held: ids of the tasks sent to it and not finished (running or prefetched).
-        running: id of the task it is running, if known.
-        tasks_done: tasks it has finished.
-        last_heartbeat_age: seconds since anything was heard from it.
-    """
-
-    worker_id: int
-    host: str
-    pid: int | None
-    state: str
-    local: bool
-    origin: str
-    held: tuple[int, ...]
-    running: int | None
-    tasks_done: int
-    last_heartbeat_age: float | None
-
-
-class TaskCounts(NamedTuple):
-    """How many tasks are in each state (for one tag, or in total).
-
-    Attributes:
-        waiting: submitted, not sent to a worker yet (including tasks re-queued after a loss).
-        running: sent to a worker (running, or prefetched by it).
-        finished: completed with a result.
-        failed: completed with an exception.
-        cancelled: cancelled or aborted.
-    """
-
-    waiting: int = 0
-    running: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-
-
-@dataclass(frozen=True)
-class ExecutorStatus:
-    """A snapshot of an executor, as returned by :meth:`DistributedExecutor.status`.
-
-    Attributes:
-        tags: task counts per tag (``None`` for tasks without a tag), for every tag used so far.
-        total: the counts over all tags.
-        workers: the live workers.
-    """
-
-    tags: dict[Any, TaskCounts]
-    total: TaskCounts
-    workers: list[WorkerInfo]
 
 
 def _find_futures(args: tuple[Any, ...], kwargs: dict[str, Any] | None
@@ -140,39 +50,6 @@ def _find_futures(args: tuple[Any, ...], kwargs: dict[str, Any] | None
     return found
 
 
-def _check_name(name: str | None) -> str | None:
-    if name is None:
-        return None
-    from .monitor import check_name
-
-    return check_name(name)
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen must be 'HOST:PORT' (port 0 picks a free one), got {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except (OSError, ValueError):
-            return False
-
-
-def _ssh_options(**kwargs: Any) -> SSHOptions:
-    from .launchers.ssh import SSHOptions
-
-    return SSHOptions(**kwargs)
-
-
 def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
     while True:
         chunk = list(itertools.islice(iterable, n))
@@ -181,7 +58,7 @@ def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple
         yield chunk
 
 
-class DistributedExecutor(Executor):
+class DistributedExecutor(TaskFarm, Executor):
     """A :class:`concurrent.futures.Executor` that runs calls in separate worker processes.
 
     It behaves like :class:`concurrent.futures.ProcessPoolExecutor`: the same ``submit``, ``map``
@@ -292,94 +169,23 @@ class DistributedExecutor(Executor):
         name: str | None = None,
         resources: dict[str, float | str] | None = None,
     ) -> None:
-        host_specs: tuple[HostSpec, ...] = ()
-        if hosts is not None:
-            from .launchers.hosts import merge_duplicates, parse_hosts, read_hosts_file
-
-            if isinstance(hosts, (str, os.PathLike)):
-                host_specs = tuple(merge_duplicates(read_hosts_file(hosts)))
-            else:
-                host_specs = tuple(merge_duplicates(parse_hosts(list(hosts), "hosts")))
-        if max_workers is None:
-            max_workers = 0 if host_specs else _default_workers()
-        elif max_workers <= 0 and not (max_workers == 0 and (listen is not None or host_specs)):
-            raise ValueError("max_workers must be greater than 0 (0 is allowed with listen=..., "
-                             "for an executor that waits for workers started by hand)")
-        if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int):
-                raise TypeError("max_tasks_per_child must be an integer")
-            if max_tasks_per_child <= 0:
-                raise ValueError("max_tasks_per_child must be >= 1")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        inheritance = None
-        main_versions = serialization.MainVersions()
-        if initializer is not None:
-            from .mpobjects import local_only_initargs_error, pickle_initializer
-
-            try:
-                inheritance = pickle_initializer(initializer, tuple(initargs), main_versions)
-            except Exception as exc:
-                raise TaskPicklingError(
-                    f"the initializer {serialization.describe_callable(initializer)} or its "
-                    f"initargs could not be pickled: {exc}"
-                ) from exc
-            if inheritance.local_only and (host_specs or listen is not None):
-                inheritance.close()
-                raise TaskPicklingError(local_only_initargs_error(
-                    inheritance.local_only,
-                    "SSH hosts" if host_specs else "workers started by hand (listen=...)"))
-        if worker_start_timeout <= 0:
-            raise ValueError("worker_start_timeout must be positive")
-        retries = check_max_retries(max_retries)
-        if retries is None:
-            raise TypeError("max_retries must be an integer")
-        self._time_limit = check_timeout(time_limit, "time_limit")
-        if heartbeat_timeout is not None and not heartbeat_timeout > 0:
-            raise ValueError("heartbeat_timeout must be positive, or None to disable it")
-        host, port = "127.0.0.1", 0
-        if listen is not None:
-            host, port = _parse_listen(listen)
-        if key is None and os.environ.get(protocol.KEY_ENV):
-            key = os.environ[protocol.KEY_ENV]
-        raw_key = protocol.parse_key(key) if key is not None else None
-        if raw_key is None and not _is_loopback(host):
-            raise ValueError(
-                f"listening on {host} (not a loopback address) requires a key that the workers "
-                f"share: pass key=... or set {protocol.KEY_ENV} (for example from "
-                "'distexec keygen FILE')")
-        if host_specs and not tunnel and _is_loopback(host):
-            raise ValueError("tunnel=False makes remote workers connect to the task manager "
-                             "directly: give it a reachable address with listen='0.0.0.0:PORT' "
-                             "(and a key)")
-        self._max_workers = max_workers
-        self._config = ManagerConfig(
-            max_workers=max_workers,
-            initializer=inheritance.data if inheritance is not None else None,
-            inheritance=inheritance,
-            main_versions=main_versions,
-            max_tasks_per_child=max_tasks_per_child,
-            python=python,
+        self._config = executor_config(
+            max_workers, initializer=initializer, initargs=initargs,
+            max_tasks_per_child=max_tasks_per_child, python=python,
             worker_start_timeout=worker_start_timeout,
-            max_message_size=max_message_size,
-            unpickle_timeout=check_timeout(unpickle_timeout, "unpickle_timeout"),
-            listen_host=host,
-            listen_port=port,
-            key=raw_key or protocol.new_key(),
-            heartbeat_timeout=heartbeat_timeout,
-            max_retries=retries,
-            hosts=host_specs,
-            ssh=_ssh_options(ssh_config=ssh_config, known_hosts=known_hosts,
-                           accept_new_host_keys=accept_new_host_keys, tunnel=tunnel,
-                           python=python) if host_specs else None,
-            name=_check_name(name),
-            resources=check_resources(resources, "resources", offer=True),
-        )
+            max_message_size=max_message_size, unpickle_timeout=unpickle_timeout,
+            max_retries=max_retries, time_limit=time_limit,
+            heartbeat_timeout=heartbeat_timeout, listen=listen, key=key, hosts=hosts,
+            ssh_config=ssh_config, known_hosts=known_hosts,
+            accept_new_host_keys=accept_new_host_keys, tunnel=tunnel, name=name,
+            resources=resources)
+        self._max_workers = self._config.max_workers
+        self._time_limit = check_timeout(time_limit, "time_limit")
         self._shared = SharedState()
         self._manager: Manager | None = None
         # Futures of tagged tasks not collected yet (as_completed(tag), next_result(tag)).
         self._tag_lock = threading.Lock()
-        self._tags: dict[Any, _TagBook] = {}
+        self._tags: dict[Any, TagBook] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -654,29 +460,6 @@ class DistributedExecutor(Executor):
                 if not manager.thread.is_alive():
                     return None
 
-    def abort(self, future: Future[Any]) -> bool:
-        """Stop the task behind ``future``, even if it is running; the future ends cancelled.
-
-        A queued task is simply cancelled. A running one is stopped: its worker is killed (or,
-        for a worker started by hand, restarts itself) and is replaced; other tasks that worker
-        held run elsewhere at no cost to their retries. ``future.cancel()`` keeps its standard
-        meaning and never stops a running task.
-
-        Returns:
-            True if the task was cancelled or stopped by this call, False if it had already
-            finished (or the executor has stopped).
-
-        Raises:
-            ValueError: ``future`` did not come from a distexec executor's ``submit`` (a future
-                of another distexec executor is not found here, and False is returned).
-        """
-        task_id = getattr(future, "_distexec_task_id", None)
-        if task_id is None:
-            raise ValueError("abort() needs a future returned by this executor")
-        if future.done():
-            return False
-        return bool(self._ask(events.Abort, task_id))
-
     def resize(self, max_workers: int) -> None:
         """Change the number of local workers while the executor runs.
 
@@ -728,189 +511,6 @@ class DistributedExecutor(Executor):
                                        f"after {timeout:g} s")
                 shared.changed.wait(remaining)
             return shared.ready_workers
-
-    def workers(self) -> list[WorkerInfo]:
-        """A snapshot of the live workers (local and joined by hand), by worker id."""
-        snapshot = self._ask(events.Query) or []
-        return [WorkerInfo(**item) for item in snapshot]
-
-    def wait_for_all(self, timeout: float | None = None) -> None:
-        """Block until every task submitted before this call (by any thread that submitted
-        before it) has finished, failed or been cancelled.
-
-        Raises:
-            TimeoutError: some of those tasks were still pending after ``timeout`` seconds.
-        """
-        manager = self._manager
-        if manager is None or not manager.thread.is_alive():
-            return
-        reply: Future[Any] = Future()
-        if threading.current_thread() is manager.thread:
-            raise RuntimeError("wait_for_all() cannot be called from a done-callback: the task "
-                               "manager would wait for itself")
-        manager.post(events.Barrier(next(task_ids), reply))
-        try:
-            reply.result(timeout)
-        except FuturesTimeoutError:
-            raise TimeoutError(f"tasks were still pending after {timeout:g} s") from None
-
-    def barrier(self, futures: Iterable[Future[Any]] | None = None,
-                timeout: float | None = None) -> None:
-        """Block until every given future is done; with no futures, like :meth:`wait_for_all`.
-
-        Unlike :func:`concurrent.futures.wait`, this raises when the time is up.
-
-        Raises:
-            TimeoutError: some futures were still pending after ``timeout`` seconds.
-        """
-        if futures is None:
-            self.wait_for_all(timeout)
-            return
-        from concurrent.futures import ALL_COMPLETED, wait
-
-        pending = wait(list(futures), timeout, return_when=ALL_COMPLETED).not_done
-        if pending:
-            raise TimeoutError(f"{len(pending)} future(s) still pending after {timeout:g} s")
-
-    def _tag_book(self, tag: Any) -> _TagBook:
-        book = self._tags.get(tag)
-        if book is None:
-            with self._tag_lock:
-                book = self._tags.setdefault(tag, _TagBook())
-        return book
-
-    def as_completed(self, tag: Any, timeout: float | None = None) -> Iterator[Future[Any]]:
-        """Yield the futures of the tasks tagged ``tag`` as they finish (finished ones first).
-
-        Each future is yielded once, across all calls: it is *collected*. The iterator ends
-        when every task with that tag submitted so far has been collected; tasks tagged while
-        it runs are included. The executor keeps the futures of tasks submitted with a tag
-        (through ``options(tag=...).submit``; not ``map``, whose iterator returns the results)
-        until they are collected this way, or the executor is dropped.
-
-        Args:
-            tag: the tag given with ``options(tag=...)``.
-            timeout: seconds from this call after which :class:`TimeoutError` is raised if
-                tasks with the tag are still pending.
-
-        Raises:
-            TimeoutError: tasks with this tag were still pending after ``timeout`` seconds.
-        """
-        book = self._tags.get(tag)
-        if book is None:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cond = book.cond
-        while True:
-            with cond:
-                book.waiters += 1
-                try:
-                    while not book.done:
-                        if not book.pending():
-                            return
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise TimeoutError(f"{book.pending()} task(s) tagged {tag!r} still "
-                                               f"pending after {timeout:g} s")
-                        cond.wait(remaining)
-                    future = book.done.popleft()
-                    book.collected += 1
-                finally:
-                    book.waiters -= 1
-            yield future
-            del future  # the caller may drop the result
-
-    def next_result(self, tag: Any, timeout: float | None = None) -> Any:
-        """Return the result of the next task tagged ``tag`` to finish, collecting it (the
-        ancestors' ``getResultWithTag``); raise its exception if it failed.
-
-        Raises:
-            LookupError: no task with this tag is pending or waiting to be collected.
-            TimeoutError: none finished within ``timeout`` seconds.
-            Exception: the task's own exception.
-        """
-        for future in self.as_completed(tag, timeout):
-            return future.result()
-        raise LookupError(f"no task tagged {tag!r} is pending or waiting to be collected")
-
-    # ------------------------------------------------------------------ shared data
-    def store(self, name: str, value: Any) -> None:
-        """Store ``value`` under ``name`` for tasks to read with :func:`distexec.retrieve`
-        (the ancestors' ``storeData``). It is pickled now, once; each worker fetches it the
-        first time one of its tasks reads it, and keeps it. Storing again under the same name
-        replaces it: tasks submitted after this call returns see the new value.
-
-        Raises:
-            TypeError: ``name`` is not a string.
-            TaskPicklingError: ``value`` cannot be pickled.
-            MessageTooLargeError: ``value`` pickles to more than ``max_message_size``.
-            RuntimeError: the executor was shut down.
-        """
-        if not isinstance(name, str):
-            raise TypeError("shared data names are strings")
-        try:
-            payload, oob = serialization.dumps(value)
-        except Exception as exc:
-            raise TaskPicklingError(
-                f"shared data {name!r} could not be pickled: {type(exc).__name__}: "
-                f"{serialization.safe_str(exc)}") from exc
-        size = serialization.nbytes(payload, oob)
-        if size > self._config.max_message_size:
-            raise too_large(f"shared data {name!r}", size, self._config.max_message_size)
-        # A snapshot: the caller may change the object (an array, say) afterwards.
-        # (Kept as writable as it was: an array stored writable is fetched writable.)
-        snapshot: list[Any] = [bytes(b) if memoryview(b).readonly else bytearray(b) for b in oob]
-        self.start()
-        self._ask(events.Store, name, payload, snapshot)
-
-    def retrieve(self, name: str) -> Any:
-        """Return a copy of the shared data stored under ``name`` (``retrieveData``).
-
-        Raises:
-            KeyError: nothing is stored under that name.
-        """
-        manager = self._manager
-        if manager is None:
-            raise KeyError(f"no shared data named {name!r}")
-        payload, oob = self._ask(events.Retrieve, name) or (None, None)
-        if payload is None:
-            raise KeyError(f"no shared data named {name!r}")
-        return serialization.loads(payload, oob)
-
-    def delete(self, name: str) -> None:
-        """Delete the shared data stored under ``name`` (``deleteData``); workers drop their
-        copies. Tasks that read it afterwards get a :class:`KeyError`.
-
-        Raises:
-            KeyError: nothing is stored under that name.
-        """
-        if self._manager is None:
-            raise KeyError(f"no shared data named {name!r}")
-        self._ask(events.Delete, name)
-
-    def share(self, value: Any) -> Shared:
-        """Store ``value`` under a new name and return a reference to pass as an argument:
-        the task receives the value itself, sent once per worker rather than once per task
-        (the common part of the boss/worker pattern's instructions).
-
-        Example: ``ref = ex.share(big_table); ex.map(lookup, keys, itertools.repeat(ref))``.
-        ``ex.delete(ref.name)`` frees it; otherwise it lives as long as the executor.
-        """
-        name = f"distexec-shared-{next(_shared_ids)}"
-        self.store(name, value)
-        return Shared(name)
-
-    def status(self) -> ExecutorStatus:
-        """Task counts per tag and in total, and the workers with what each is doing.
-
-        Tasks get a tag with ``ex.options(tag=...)``; untagged tasks are counted under ``None``.
-        Before the executor started, or after it stopped, the counts are empty.
-        """
-        answer = self._ask(events.Status)
-        counts, workers = answer if answer is not None else ({}, [])
-        tags = {tag: TaskCounts(*c) for tag, c in counts.items()}
-        total = TaskCounts(*(sum(c[i] for c in tags.values()) for i in range(5)))
-        return ExecutorStatus(tags, total, [WorkerInfo(**w) for w in workers])
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
                  cancel_running: bool = False) -> None:
@@ -988,42 +588,6 @@ class DistributedExecutor(Executor):
             self._terminate("interrupted while waiting for shutdown")
             raise
         return None
-
-
-class _TagBook:
-    """The futures of one tag that were not collected yet.
-
-    Finished futures wait in ``done`` in order of completion; the done-callback only appends
-    there (atomic) and takes the lock only when a collector waits, so the task manager thread,
-    which completes most futures, never contends with submitting threads. Counts:
-    ``added`` (by submitting threads, under ``add_lock``), ``collected`` (by collectors, under
-    ``cond``); the pending ones are ``added - collected - len(done)``.
-    """
-
-    __slots__ = ("cond", "add_lock", "added", "collected", "waiters", "done")
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.add_lock = threading.Lock()
-        self.added = 0
-        self.collected = 0
-        self.waiters = 0
-        self.done: deque[Future[Any]] = deque()
-
-    def add(self, future: Future[Any]) -> None:
-        with self.add_lock:
-            self.added += 1
-        future.add_done_callback(self._finished)
-
-    def pending(self) -> int:
-        return self.added - self.collected - len(self.done)
-
-    def _finished(self, future: Future[Any]) -> None:
-        # Runs in whichever thread completed the future (usually the task manager's).
-        self.done.append(future)
-        if self.waiters:  # a collector counts itself in before it looks at done
-            with self.cond:
-                self.cond.notify_all()
 
 
 def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:

@@ -417,7 +417,7 @@ def query(address: str, key: bytes, timeout: float = 5.0) -> dict[str, Any]:
         StatusError: the key was refused, the peer is not a distexec executor, or it did not
             answer within ``timeout``.
     """
-    from .worker import client_handshake, worker_info
+    from .worker_client import client_handshake, worker_info
 
     host, port = _split_address(address)
     try:

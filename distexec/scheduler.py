@@ -170,15 +170,15 @@ def _extra(name: str, doc: str) -> property:
     default = getattr(_Extras(), name)
 
     def get(task: Task) -> Any:
-        x = task.x
+        x = task.extras
         return default if x is None else getattr(x, name)
 
     def set_(task: Task, value: Any) -> None:
-        x = task.x
+        x = task.extras
         if x is None:
             if value is default or value == default and type(value) is type(default):
                 return
-            x = task.x = _Extras()
+            x = task.extras = _Extras()
         setattr(x, name, value)
 
     return property(get, set_, doc=doc)
@@ -187,12 +187,12 @@ def _extra(name: str, doc: str) -> property:
 class Task:
     """One unit of work. Created in the caller's thread, owned by the manager thread after that.
 
-    The options and history most tasks do not have live in ``x`` (None for a plain task); the
-    properties below read and write them. Hot paths test ``task.x is None`` first.
+    The options and history most tasks do not have live in ``extras`` (None for a plain task); the
+    properties below read and write them. Hot paths test ``task.extras is None`` first.
     """
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "kind", "state", "attempt", "worker_id",
-                 "tag", "line", "x")
+                 "tag", "line", "extras")
 
     def __init__(
         self,
@@ -219,9 +219,9 @@ class Task:
         self.worker_id: int | None = None
         self.tag = tag  # any hashable; status counts are kept per tag
         self.line: Any = None  # the TaskQueue line it waits in, while queued
-        self.x: _Extras | None = None
+        self.extras: _Extras | None = None
         if time_limit is not None or max_retries is not None or priority or needs is not None:
-            x = self.x = _Extras()
+            x = self.extras = _Extras()
             x.time_limit = time_limit
             x.max_retries = max_retries
             x.priority = priority
@@ -255,14 +255,14 @@ class Task:
         self.fn = None  # type: ignore[assignment]
         self.args = None
         self.kwargs = None
-        x = self.x
+        x = self.extras
         if x is not None:
             x.fallback = None
             x.deps = None
 
     def retries_used(self) -> int:
         """Re-runs so far: for lost workers and for exceptions it is retried on."""
-        x = self.x
+        x = self.extras
         if x is None:
             return 0
         return x.errors + (len(x.losses) if x.losses else 0)
@@ -398,7 +398,7 @@ class TaskQueue:
         return len(self.main) == self._len
 
     def _line(self, task: Task) -> deque[Task] | list[Task]:
-        x = task.x
+        x = task.extras
         if x is None or (x.priority == 0 and x.needs is None and not x.declined):
             return self.main
         if x.declined:
@@ -412,7 +412,7 @@ class TaskQueue:
 
     def append(self, task: Task) -> None:
         self._len += 1
-        if task.x is None:
+        if task.extras is None:
             self.main.append(task)
             return
         line = self._line(task)
@@ -421,7 +421,7 @@ class TaskQueue:
 
     def appendleft(self, task: Task) -> None:
         self._len += 1
-        if task.x is None:
+        if task.extras is None:
             self.main.appendleft(task)
             return
         line = self._line(task)
@@ -623,7 +623,7 @@ class Scheduler:
     def _unassign(self, task: Task) -> None:
         worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
         if worker is not None and worker.assigned.pop(task.id, None) is not None:
-            x = task.x
+            x = task.extras
             if x is not None and x.exclusive:
                 worker.limited -= 1
                 if x.needs is not None and worker.pool is not None:
@@ -631,7 +631,7 @@ class Scheduler:
             if worker.state is WorkerState.BUSY and not worker.assigned:
                 worker.transition(WorkerState.IDLE)
 
-    def _finish(self, task: Task, state: TaskState) -> None:
+    def _end(self, task: Task, state: TaskState) -> None:
         task.transition(state)
         ended = self.tag_ended.get(task.tag)
         if ended is None:
@@ -648,14 +648,14 @@ class Scheduler:
         out = self.queue.clear()
         out += [t for t in self.tasks.values() if t.state is TaskState.BLOCKED]
         for task in out:
-            self._finish(task, TaskState.CANCELLED)
+            self._end(task, TaskState.CANCELLED)
         return out
 
-    def settle(self, task: Task, duration: float, ok: bool) -> None:
+    def task_done(self, task: Task, duration: float, ok: bool) -> None:
         """Record the result of an assigned task (the caller dropped stale results)."""
         assert task.worker_id is not None
         self._count_done(task.worker_id, duration)
-        self._finish(task, TaskState.DONE if ok else TaskState.FAILED)
+        self._end(task, TaskState.DONE if ok else TaskState.FAILED)
 
     def _count_done(self, worker_id: int, duration: float) -> None:
         worker = self.workers.get(worker_id)
@@ -681,7 +681,7 @@ class Scheduler:
     def decline(self, task: Task) -> bool:
         """The worker running ``task`` declined it: queue it again for other workers. Returns
         False, leaving it assigned, if every live worker has declined it (the caller fails it
-        with :meth:`fail_task`)."""
+        with :meth:`end_task`)."""
         worker_id = task.worker_id
         assert worker_id is not None
         if task.declined is None:
@@ -699,7 +699,7 @@ class Scheduler:
         """Can ``worker`` take ``task`` now? (Exclusive tasks need a worker holding nothing;
         needs must fit its pool; a worker that declined the task never gets it again.)"""
         pool = worker.pool
-        x = task.x
+        x = task.extras
         if x is not None:
             if x.exclusive and worker.assigned:
                 return False
@@ -745,18 +745,14 @@ class Scheduler:
         task.worker_id = None
         self.queue.appendleft(task)
 
-    def fail_task(self, task: Task) -> None:
-        """Settle an assigned task as failed (its worker was lost)."""
-        self._finish(task, TaskState.FAILED)
-
-    def stop_task(self, task: Task, state: TaskState) -> None:
-        """Settle a blocked, queued or assigned task as CANCELLED (aborted) or FAILED."""
+    def end_task(self, task: Task, state: TaskState) -> None:
+        """End a blocked, queued or assigned task as CANCELLED (aborted) or FAILED."""
         if task.state is TaskState.QUEUED:
             try:
                 self.queue.remove(task)
             except ValueError:
                 pass
-        self._finish(task, state)
+        self._end(task, state)
 
     @staticmethod
     def charge_loss(task: Task, lost: LostAttempt, default_max_retries: int) -> bool:
@@ -788,7 +784,7 @@ class Scheduler:
         worker.tasks_sent += 1
         if worker.state is WorkerState.IDLE:
             worker.transition(WorkerState.BUSY)
-        x = task.x
+        x = task.extras
         if x is not None and x.exclusive:
             worker.limited += 1  # nothing more for this worker while it runs
             if x.needs is not None and worker.pool is not None:
@@ -823,7 +819,7 @@ class Scheduler:
                 while queue._len:
                     if default and queue._len == len(main):
                         candidate = main[0]
-                        if (candidate.x is not None and candidate.x.exclusive
+                        if (candidate.extras is not None and candidate.extras.exclusive
                                 and worker.assigned) or (
                                 worker.pool is not None and worker.pool.slot_extra
                                 and not worker.assigned and worker.pool.free_slots() < 1):
@@ -839,10 +835,10 @@ class Scheduler:
                     if candidate.attempt or claim(candidate):
                         task = candidate
                         break
-                    self._finish(candidate, TaskState.CANCELLED)
+                    self._end(candidate, TaskState.CANCELLED)
                 if task is None:
                     continue
-                if task.x is None:  # (assign(), inlined for plain tasks)
+                if task.extras is None:  # (assign(), inlined for plain tasks)
                     task.transition(TaskState.ASSIGNED)
                     task.attempt += 1
                     task.worker_id = worker.id

@@ -26,7 +26,7 @@ Threads:
   * ``distexec-lifeline`` (when the key came on stdin) waits for stdin to close, which happens
     when the process that started the worker dies, even by SIGKILL; the worker then exits.
 
-Heartbeats that need no GIL come from a *pulse* process (see :func:`_start_pulse`): a tiny
+Heartbeats that need no GIL come from a *pulse* process (see :func:`start_pulse`): a tiny
 child interpreter that writes a NUL byte to the control connection every interval while this
 process is not stopped, so a task holding the GIL in a C call keeps its worker alive, and a
 frozen (SIGSTOP) or unreachable worker falls silent. It exits as soon as this process does.
@@ -50,7 +50,6 @@ import argparse
 import logging
 import os
 import pickle
-import queue
 import select
 import signal
 import socket
@@ -58,13 +57,13 @@ import struct
 import sys
 import threading
 import time
-import types
 from collections import deque
 from functools import partial
 from typing import Any
 
 from . import context, protocol, serialization
-from ._version import versions
+from .pulse import start_pulse, stack_dump
+from .worker_client import TaskClient, client_handshake, connect, worker_info
 from .errors import (HandshakeError, ProtocolError, TaskDeclined, TaskPicklingError,
                      TaskUnpicklingError, too_large)
 
@@ -87,68 +86,6 @@ FLUSH_MAX_DELAY = 0.005
 # Upper bound on waiting for the control connection before running user code (it normally
 # takes one round trip; if it fails, the control thread ends the process anyway).
 CONTROL_SETUP_TIMEOUT = 30.0
-# The pulse process (see _start_pulse). It runs with -I -S: no site, no user environment, only
-# builtin and extension modules. fd 3 is the control socket, fd 4 the read end of a pipe that
-# only this worker holds open (EOF: the worker is gone, even by SIGKILL or exec).
-# argv: marker, worker pid, interval.
-_PULSE_CODE = """\
-import os, select, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker (it leaves), not us
-try:
-    pid, interval = int(sys.argv[2]), float(sys.argv[3])
-    stat = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
-    while not select.select([4], [], [], interval)[0]:
-        if os.getppid() != pid:
-            break
-        state = os.pread(stat, 1024, 0).rpartition(b")")[2][1:2]
-        if state in (b"T", b"t"):
-            continue
-        if not state or state in (b"Z", b"X"):
-            break
-        try:
-            os.write(3, b"\\0")
-        except (BlockingIOError, InterruptedError, TimeoutError):
-            pass
-except Exception:
-    pass  # the worker notices that this process ended and says so
-"""
-PULSE_MARKER = "distexec-pulse"
-
-
-def worker_info(worker_id: int | None) -> dict[str, Any]:
-    """What a worker tells the manager about itself in the handshake."""
-    return {
-        "worker_id": worker_id,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        **versions(),
-        "executable": sys.executable,
-        "cpus": os.cpu_count() or 1,
-    }
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("the task manager closed the connection during the handshake")
-        buf += chunk
-    return bytes(buf)
-
-
-def client_handshake(
-    sock: socket.socket, key: bytes, info: dict[str, Any]
-) -> dict[str, Any]:
-    """Worker side of the handshake (blocking). Returns the manager's welcome message."""
-    nonce_m = protocol.parse_hello(_recv_exactly(sock, protocol.HELLO.size))
-    nonce_w = protocol.new_nonce()
-    sock.sendall(protocol.make_auth(key, nonce_m, nonce_w, info))
-    header = protocol.parse_welcome_header(_recv_exactly(sock, protocol.WELCOME.size))
-    blob = _recv_exactly(sock, header.msg_len) if header.msg_len else b""
-    return protocol.verify_welcome(key, nonce_m, nonce_w, header, blob)
-
-
 class _Outbox:
     """Results waiting to be sent (main thread only)."""
 
@@ -221,7 +158,7 @@ class Worker:
         self.leaving = False
         self.leave_r, self.leave_w = os.pipe()
         self.control: socket.socket | None = None
-        # The pulse process (see _start_pulse): its pid and the write end of its lifeline pipe.
+        # The pulse process (see start_pulse): its pid and the write end of its lifeline pipe.
         self.pulse: tuple[int, int] | None = None
         self.pulse_lock = threading.Lock()
         # Set once heartbeats flow: user code (even the initializer) runs only after that, so
@@ -234,7 +171,7 @@ class Worker:
         # once and not kept (fetch() compares before and after).
         self.forgotten: dict[str, int] = {}
         self.data_lock = threading.Lock()
-        self._client: _Client | None = None
+        self._client: TaskClient | None = None
         self._client_lock = threading.Lock()
 
     # -- I/O -----------------------------------------------------------------------------
@@ -514,14 +451,14 @@ class Worker:
         self.add_result(task_id, attempt, protocol.RESULT_OK, data, bufs, duration, None, size)
 
     # -- what tasks ask for (distexec.context), on the client connection ---------------------
-    def client(self) -> _Client:
+    def client(self) -> TaskClient:
         """The client connection, opened on first use (any thread running task code)."""
         with self._client_lock:
             if self._client is None or self._client.broken is not None:
                 if self.address is None:
                     raise RuntimeError("this worker does not know its task manager's address, "
                                        "so its tasks cannot read shared data or submit tasks")
-                self._client = _Client(self)
+                self._client = TaskClient(self)
             return self._client
 
     def fetch(self, name: str) -> Any:
@@ -581,7 +518,7 @@ class Worker:
                 sock.close()
                 return
             self.control = sock
-        self.pulse = _start_pulse(sock.fileno(), interval, self.where())
+        self.pulse = start_pulse(sock.fileno(), interval, self.where())
         self.control_ready.set()
         buf = b""
         size = protocol.CONTROL_COMMAND.size
@@ -613,7 +550,7 @@ class Worker:
                                 sock.sendall(protocol.ACK_MARK + protocol.CONTROL_COMMAND.pack(
                                     protocol.SKIPPED, task_id, attempt))
                         elif command == protocol.DUMP:
-                            sock.sendall(protocol.DUMP_BEGIN + _stack_dump()
+                            sock.sendall(protocol.DUMP_BEGIN + stack_dump()
                                          + protocol.DUMP_END)
                 elif not ready:
                     sock.send(protocol.BEAT)
@@ -763,106 +700,6 @@ class Worker:
                         (type_name, message, text), len(data) + len(text))
 
 
-class _Client:
-    """A worker's client connection: requests from task code, answered by the task manager.
-
-    Any thread may send a request; the ``distexec-client`` thread reads the answers and
-    completes the request's future (or calls its handler). Requests fail with
-    :class:`ConnectionError` once the connection is gone.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        assert worker.address is not None
-        host, port = worker.address
-        sock = _connect(host, port, CONTROL_SETUP_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        info = worker_info(worker.worker_id)
-        info["channel"] = "client"
-        client_handshake(sock, worker.key, info)
-        sock.settimeout(None)
-        self.sock = sock
-        self.worker = worker
-        self.send_lock = threading.Lock()
-        self.lock = threading.Lock()
-        self.pending: dict[int, Any] = {}  # request id -> Future, or handler(ok, extra, bufs)
-        self.ids = iter(range(1, 1 << 62))
-        self.broken: BaseException | None = None
-        # Child results are unpickled, and their futures completed (running the callbacks),
-        # on a thread of their own: user code there may itself wait for an answer that only
-        # the reader thread can deliver.
-        self.answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        threading.Thread(target=self._read, name="distexec-client", daemon=True).start()
-        threading.Thread(target=self._complete, name="distexec-client-results",
-                         daemon=True).start()
-
-    def request(self, kind: int, meta: tuple[Any, ...], buffers: list[Any] = (),  # type: ignore[assignment]
-                handler: Any = None) -> Any:
-        """Send a request; return a Future for its answer ``(ok, extra, buffers)`` (or the
-        frame, for RUN), or register ``handler`` to be called with the answer instead."""
-        from concurrent.futures import Future
-
-        future: Any = Future() if handler is None else None
-        with self.lock:
-            if self.broken is not None:
-                raise ConnectionError(f"the connection to the task manager is gone: "
-                                      f"{self.broken}")
-            req_id = next(self.ids)
-            self.pending[req_id] = future if handler is None else handler
-        parts = protocol.encode_frame(kind, (req_id, *meta), buffers)
-        with self.send_lock:
-            protocol.send_all_blocking(self.sock, parts)
-        return future if handler is None else req_id
-
-    def _read(self) -> None:
-        decoder = protocol.FrameDecoder()
-        try:
-            while True:
-                n = self.sock.recv_into(decoder.recv_buffer())
-                if n == 0:
-                    raise ConnectionError("the task manager closed the client connection")
-                for frame in decoder.feed(n):
-                    if frame.kind == protocol.FORGET:
-                        self.worker.forget(frame.meta[0])
-                        continue
-                    with self.lock:
-                        waiter = self.pending.pop(frame.meta[0], None)
-                    if waiter is None:
-                        continue
-                    if frame.kind == protocol.RUN:
-                        answer: Any = frame
-                    else:
-                        _, ok, extra = frame.meta
-                        answer = (ok, extra, frame.buffers)
-                    if callable(waiter):
-                        self.answers.put((waiter, answer))
-                    else:
-                        waiter.set_result(answer)
-        except BaseException as exc:  # the connection is gone: fail whatever waits
-            with self.lock:
-                self.broken = exc
-                waiting, self.pending = self.pending, {}
-            message = (f"the connection to the task manager was lost ({exc}), so the answer "
-                       "cannot arrive (the executor stopped, or this worker was replaced)")
-            for waiter in waiting.values():
-                if callable(waiter):
-                    self.answers.put((waiter, (False, ("ConnectionError", message, ""), [])))
-                else:
-                    waiter.set_exception(ConnectionError(message))
-            self.answers.put(None)
-
-    def _complete(self) -> None:
-        """distexec-client-results thread: hand child tasks' answers to their futures."""
-        while True:
-            item = self.answers.get()
-            if item is None:
-                return
-            waiter, answer = item
-            try:
-                waiter(*answer)
-            except BaseException:  # a callback's error must not stop the others
-                logger.exception("error while completing a child task's future")
-
-
 def _merge_sys_path(client_path: list[str]) -> list[str]:
     """The client's import path, followed by anything of ours it lacks (distexec's own root)."""
     merged = list(client_path)
@@ -870,51 +707,6 @@ def _merge_sys_path(client_path: list[str]) -> list[str]:
         if entry not in merged:
             merged.append(entry)
     return merged
-
-
-def _start_pulse(control_fd: int, interval: float, where: str) -> tuple[int, int] | None:
-    """Start the pulse process that beats on ``control_fd`` every ``interval`` seconds while
-    this process is not stopped; return its pid and the write end of its lifeline pipe (None if
-    it could not start: heartbeats then come from the control thread alone, which needs the
-    GIL)."""
-    read_end, write_end = os.pipe()  # both close on exec: only this process holds write_end
-    argv = [sys.executable, "-I", "-S", "-c", _PULSE_CODE, PULSE_MARKER, str(os.getpid()),
-            repr(interval)]
-    try:
-        if not sys.executable:
-            raise OSError("sys.executable is empty")
-        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, control_fd, 3), (os.POSIX_SPAWN_DUP2, read_end, 4)])
-    except OSError as exc:
-        os.close(write_end)
-        logger.warning("%s: could not start its heartbeat process (%s); a task that holds the "
-                       "GIL longer than heartbeat_timeout will be taken for a lost worker",
-                       where, exc)
-        return None
-    finally:
-        os.close(read_end)
-    return pid, write_end
-
-
-def _stack_dump() -> bytes:
-    """Every thread's stack, innermost call first, in faulthandler's text layout (ASCII, no NUL
-    or ACK_MARK byte). Taken with the GIL held, through sys._current_frames(), which is safe
-    where faulthandler's reading of running threads is not."""
-    lines = []
-    for ident, top in sys._current_frames().items():
-        lines.append(f"Thread 0x{ident:016x} (most recent call first):")
-        depth = 0
-        frame: types.FrameType | None = top
-        while frame is not None and depth < 100:
-            code = frame.f_code
-            line = frame.f_lineno if frame.f_lineno is not None else "???"
-            lines.append(f'  File "{code.co_filename}", line {line} in {code.co_name}')
-            frame = frame.f_back
-            depth += 1
-        lines.append("")
-    text = "\n".join(lines) + "\n"
-    return text.encode("ascii", "backslashreplace").replace(b"\0", b"?").replace(
-        protocol.ACK_MARK, b"?")
 
 
 def _flush_std_streams() -> None:
@@ -971,22 +763,7 @@ def _adopt_mp_authkey(key: bytes) -> None:
     current_process().authkey = key
 
 
-def _connect(host: str, port: int, timeout: float) -> socket.socket:
-    """Connect, retrying refused or unreachable attempts with a backoff until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        try:
-            return socket.create_connection((host, port), timeout=max(1.0, timeout))
-        except OSError:
-            if time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)  # nothing to wait on but time: the manager is not listening yet
-        delay = min(delay * 2, 2.0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distexec.worker",
                                      description="Run a distexec worker.")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT")
@@ -1001,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     # Local workers only: the caller's multiprocessing authkey, as the line after the key.
     parser.add_argument("--mp-authkey-stdin", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
     started_by_executor = args.worker_id is not None
     # Our messages only: the root logger stays as it is in a fresh interpreter, so that what
@@ -1033,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_lifeline, args=(sys.stdin,), name="distexec-lifeline",
                          daemon=True).start()
     try:
-        sock = _connect(host, port, args.connect_timeout)
+        sock = connect(host, port, args.connect_timeout)
     except OSError as exc:
         logger.error("cannot connect to the task manager at %s:%d (kept trying for %g s): %s. "
                      "Check the address, that the executor is running and listens on an "

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from distexec import DistributedExecutor, manager, protocol, worker
+from distexec import DistributedExecutor, manager, protocol, worker, worker_client
 from distexec.errors import HandshakeError
 from helpers import Gate, square, wait_gate
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 def connect(ex):
     host, port = ex.address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
-    hello = worker._recv_exactly(sock, protocol.HELLO.size)
+    hello = worker_client._recv_exactly(sock, protocol.HELLO.size)
     return sock, protocol.parse_hello(hello)
 
 

@@ -1,7 +1,9 @@
 """The dependency arrows of the package hold (see ../shared STYLE: errors <- protocol,
 serialization, scheduler, launchers <- manager <- executor; the worker never imports the manager,
 the executor or paramiko; the local launcher takes only the progress layout from the protocol,
-which it shares with the worker; the task manager's rooms with logic touch no sockets))."""
+which it shares with the worker; the task manager's rooms with logic touch no sockets), and the
+size limits of the code hold (no module over 900 lines, no class over 600, no function over
+100)."""
 
 from __future__ import annotations
 
@@ -52,24 +54,26 @@ def refers_to(imports: set[str], module: str) -> bool:
 # The rooms with logic: no sockets, selectors, processes or threads of their own (they act
 # through the door, the launchers and the loop's deadlines), and no import of the loop itself.
 ROOM_FORBIDDEN = ["executor", "socket", "selectors", "subprocess", "threading", "paramiko",
-                  "core", "connections"]
+                  "loop", "connections"]
 
 FORBIDDEN = {
     "worker.py": ["manager", "executor", "paramiko", "launchers"],
+    "worker_client.py": ["manager", "executor", "paramiko", "launchers", "serialization"],
+    "pulse.py": ["manager", "executor", "paramiko", "launchers", "serialization", "socket"],
     "protocol.py": ["manager", "executor", "serialization", "scheduler", "launchers", "worker"],
     "serialization.py": ["manager", "executor", "protocol", "socket", "scheduler"],
     "scheduler.py": ["manager", "executor", "protocol", "socket", "serialization"],
     "errors.py": ["manager", "executor", "protocol", "serialization", "scheduler"],
-    "manager/core.py": ["executor"],
+    "manager/loop.py": ["executor"],
     "manager/events.py": ["executor", "socket", "protocol", "serialization", "scheduler"],
-    "manager/store.py": ["executor", "socket", "protocol", "serialization", "core"],
-    "manager/handshakes.py": ["executor", "socket", "protocol", "serialization", "core"],
+    "manager/store.py": ["executor", "socket", "protocol", "serialization", "loop"],
+    "manager/handshakes.py": ["executor", "socket", "protocol", "serialization", "loop"],
     # The door is the only room with sockets; it decides nothing about workers or tasks.
-    "manager/connections.py": ["executor", "serialization", "scheduler", "core", "fleet",
+    "manager/connections.py": ["executor", "serialization", "scheduler", "loop", "fleet",
                                "dispatch", "launchers"],
     **{f"manager/{room}.py": ROOM_FORBIDDEN
        for room in ("lifecycle", "fleet", "watchdog", "dispatch", "recovery", "stopping",
-                    "children", "deps", "status")},
+                    "children", "dependencies", "status")},
     "launchers/base.py": ["manager", "executor", "paramiko", "serialization", "socket",
                           "protocol", "scheduler"],
     "launchers/local.py": ["manager", "executor", "paramiko", "serialization", "socket"],
@@ -130,6 +134,24 @@ def test_a_local_executor_loads_only_what_it_uses():
     caller, worker = proc.stdout.strip().splitlines()[-2:]
     assert caller == "[]", f"the caller loaded {caller}"
     assert worker == "[]", f"the worker loaded {worker}"
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 900, 600, 100
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(PKG).as_posix()
+                                        for p in PKG.rglob("*.py")))
+def test_sizes(path):
+    source = (PKG / path).read_text()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{path} is over {MAX_MODULE_LINES} lines"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            size, limit = node.end_lineno - node.lineno + 1, MAX_CLASS_LINES
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            size, limit = node.end_lineno - node.lineno + 1, MAX_FUNCTION_LINES
+        else:
+            continue
+        assert size <= limit, f"{path}: {node.name} is {size} lines (at most {limit})"
 
 
 def test_every_module_says_what_it_owns():

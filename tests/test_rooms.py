@@ -95,8 +95,8 @@ from distexec.errors import (  # noqa: E402
 )
 from distexec.launchers.base import Launcher, WorkerProcess  # noqa: E402
 from distexec.manager.children import Children  # noqa: E402
-from distexec.manager.core import ManagerConfig, SharedState  # noqa: E402
-from distexec.manager.deps import Dependencies  # noqa: E402
+from distexec.manager.loop import ManagerConfig, SharedState  # noqa: E402
+from distexec.manager.dependencies import Dependencies  # noqa: E402
 from distexec.manager.dispatch import Dispatch  # noqa: E402
 from distexec.manager.fleet import START_FAILURE_LIMIT, Fleet  # noqa: E402
 from distexec.manager.lifecycle import (  # noqa: E402
@@ -256,7 +256,7 @@ class Hub:
         (future.set_result if ok else future.set_exception)(value)
 
     def force_cancel(self, future):
-        from distexec.manager.core import force_cancel
+        from distexec.manager.loop import force_cancel
 
         force_cancel(future)
 

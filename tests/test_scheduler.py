@@ -80,7 +80,7 @@ def test_a_result_settles_its_task_and_frees_the_worker():
     ready_worker(sched, 1)
     sched.plan(always)
     assert t.state is TaskState.ASSIGNED and sched.workers[1].state is WorkerState.BUSY
-    sched.settle(t, 0.1, True)
+    sched.task_done(t, 0.1, True)
     assert t.state is TaskState.DONE and not sched.tasks
     assert sched.workers[1].state is WorkerState.IDLE and sched.workers[1].tasks_done == 1
 
@@ -93,7 +93,7 @@ def test_lost_worker_requeue_keeps_order_and_bumps_attempt():
     sched.plan(always)
     held = sched.worker_lost(1)
     assert [t.id for t in held] == [1, 2, 3, 4]
-    sched.fail_task(held[0])
+    sched.end_task(held[0], TaskState.FAILED)
     for t in reversed(held[1:]):
         sched.requeue(t)
     assert [t.id for t in sched.queue] == [2, 3, 4]
@@ -174,7 +174,7 @@ def test_needs_place_tasks_only_where_the_pool_has_them_free():
     assert sorted(t.id for t in sched.queue) == [2, 4]
     assert w1.limited == 1
     # Task 1 ends: the gpu is back, and task 2 can go to the now idle worker 1.
-    sched.settle(sched.tasks[1], 0.1, True)
+    sched.task_done(sched.tasks[1], 0.1, True)
     assert gpus.used == {"gpu": 0.0}
     assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(1, [2])]
     # A lost worker gives its resources back too.
@@ -196,12 +196,12 @@ def test_slots_count_the_busy_workers_of_a_pool_and_wide_tasks_do_not_starve():
     # keep their slots free for it rather than taking task 3, ranked below it.
     assert {w.id: [t.id for t in ts] for w, ts in sched.plan(always)} == {1: [1]}
     assert pool.free_slots() == 2
-    sched.settle(sched.tasks[1], 0.1, True)
+    sched.task_done(sched.tasks[1], 0.1, True)
     (worker, (wide,)), = sched.plan(always)
     assert wide.id == 2 and pool.free_slots() == 0  # one busy worker + two extra slots
     sched.add_task(task(4))
     assert sched.plan(always) == []  # no slot left for a plain task
-    sched.settle(sched.tasks[2], 0.1, True)
+    sched.task_done(sched.tasks[2], 0.1, True)
     assert pool.slot_extra == 0
     assert sorted(t.id for _, ts in sched.plan(always) for t in ts) == [3, 4]
 
@@ -230,10 +230,10 @@ def test_a_declined_task_never_returns_to_that_worker():
     assert sched.decline(t1) is True
     assert t1.state is TaskState.QUEUED and t1.declined == {1}
     assert sched.plan(always) == []  # worker 1 is free but declined it; worker 2 is busy
-    sched.settle(sched.tasks[2], 0.1, True)
+    sched.task_done(sched.tasks[2], 0.1, True)
     assert [(w.id, [t.id for t in ts]) for w, ts in sched.plan(always)] == [(2, [1])]
     assert sched.decline(t1) is False  # now every live worker has declined it
-    sched.fail_task(t1)
+    sched.end_task(t1, TaskState.FAILED)
     assert sched.tag_counts()[None][3] == 1
 
 

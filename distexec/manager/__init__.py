@@ -1,23 +1,34 @@
 """The task manager: one thread per executor that owns every table, socket and process.
 
-The package is being cut into rooms, one responsibility each (issue 12); so far:
+The folder listing is the architecture: a small loop and rooms, each a plain class that owns
+its state and runs on the ``distexec-manager`` thread only (see :doc:`/internals` for the data
+flow and every thread):
 
-* :mod:`.core` -- the :class:`Manager` itself: the loop, connections and handshakes, the
-  worker fleet, heartbeats, dispatch and results, child tasks, dependencies, the store and
-  status. Runs on the ``distexec-manager`` thread, except the methods marked "caller side".
-* :mod:`.events` -- what other threads tell the manager: one small typed event each, posted
-  to its one inbox.
-* :mod:`.store` -- shared data (``store()``/``retrieve()``) and which workers hold a copy.
-* :mod:`.handshakes` -- connections still in their handshake (bounded, with deadlines) and
-  the rate-limited log of refused connections.
+* :mod:`.loop` -- the thread, its selector and wakeup socket, the one inbox, deadlines, the
+  end-of-turn completion of futures, shutdown and teardown (:class:`Manager`).
+* :mod:`.events` -- what other threads tell the manager: one small typed event each.
+* :mod:`.connections` -- the door: accept, handshakes, channels, bytes in and out (the only
+  room with sockets); :mod:`.handshakes` -- the bounded set of pending handshakes and the
+  rate-limited refusal log.
+* :mod:`.fleet` -- which workers exist: launchers, launching, replacing, backoff, retiring,
+  the end of each worker; :mod:`.lifecycle` -- one worker's checked life and the verdict at its
+  end.
+* :mod:`.watchdog` -- heartbeats, pings, control bytes, zombies.
+* :mod:`.dispatch` -- tasks out, results back: the function cache, TASKS frames, results,
+  retries, fallbacks, declines.
+* :mod:`.recovery` -- what a lost worker's tasks become; poison tasks.
+* :mod:`.stopping` -- ``abort()``, time limits, answers to ABORT.
+* :mod:`.children` -- requests of running tasks: child tasks, shared data reads.
+* :mod:`.dependencies` -- tasks waiting for futures; ``wait_for_all()`` barriers.
+* :mod:`.store` -- shared data and which workers hold a copy; :mod:`.status` -- snapshots.
 
-The rooms other than ``core`` are plain classes with no sockets or timers, used by the manager
-thread only, and tested by feeding them directly (``tests/test_rooms.py``).
+The rooms with logic import no sockets and are unit-tested by feeding them events through a
+stand-in for the loop (``tests/test_rooms.py``).
 """
 
 from . import events
 from .connections import MAX_PENDING_HANDSHAKES, REFUSAL_LOG_BURST
-from .core import Manager, ManagerConfig, SharedState, interpreter_exiting
+from .loop import Manager, ManagerConfig, SharedState, interpreter_exiting
 
 __all__ = [
     "MAX_PENDING_HANDSHAKES",

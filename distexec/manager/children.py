@@ -22,9 +22,9 @@ from ..scheduler import Task, TaskKind, TaskState, WorkerState, task_ids
 
 if TYPE_CHECKING:
     from .connections import Conn
-    from .core import Manager
+    from .loop import Manager
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 
 class Children:
@@ -84,7 +84,7 @@ class Children:
         dropped = 0
         for task in children.values():
             if task.state in (TaskState.QUEUED, TaskState.BLOCKED) and not task.attempt:
-                self.m.books.stop_task(task, TaskState.CANCELLED)
+                self.m.books.end_task(task, TaskState.CANCELLED)
                 self.m.cancel_task(task)
                 dropped += 1
         if dropped:
@@ -143,7 +143,7 @@ class Children:
             return
         m.books.queue.remove(task)
         if not task.attempt and not m.dispatch.claim(task):
-            m.books.stop_task(task, TaskState.CANCELLED)
+            m.books.end_task(task, TaskState.CANCELLED)
             self.reply(conn, claim_id, False, "cancelled")
             return
         m.books.assign(task, record)
@@ -160,7 +160,7 @@ class Children:
         """A child task's result or exception goes to its parent as it came, unpickled."""
         assert task.client is not None
         conn, req_id = task.client
-        self.m.books.settle(task, duration, ok)
+        self.m.books.task_done(task, duration, ok)
         future = task.future
         future._distexec_forwarded = True  # type: ignore[attr-defined]
         self.m.settle(future, True, None)

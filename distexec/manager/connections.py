@@ -22,10 +22,10 @@ from ..errors import HandshakeError, ProtocolError
 from .handshakes import PendingHandshakes, RefusalLog
 
 if TYPE_CHECKING:
-    from .core import Manager
+    from .loop import Manager
     from .lifecycle import WorkerHandle
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 # A connection must complete the handshake within this many seconds or it is dropped.
 HANDSHAKE_TIMEOUT = 10.0

@@ -28,10 +28,10 @@ from ..scheduler import Task, TaskKind, TaskState, WorkerState
 
 if TYPE_CHECKING:
     from .connections import Conn
-    from .core import Manager
+    from .loop import Manager
     from .lifecycle import WorkerHandle
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 # How many function definitions each worker keeps; older ones are told to be forgotten.
 WORKER_FN_CAPACITY = 256
@@ -65,7 +65,7 @@ class Dispatch:
             assert conn is not None
             self.send_tasks(handle, conn, tasks)
             for task in tasks:
-                x = task.x
+                x = task.extras
                 if x is not None and x.time_limit is not None \
                         and task.state is TaskState.ASSIGNED:
                     m.stopper.arm_limit(handle, task)
@@ -176,7 +176,7 @@ class Dispatch:
         err = too_large(f"task {task.id} ({name}): its function and arguments", size,
                         self.m.config.max_message_size)
         logger.debug("task %d not sent: %s", task.id, err)
-        self.m.books.fail_task(task)
+        self.m.books.end_task(task, TaskState.FAILED)
         self.m.settle(task.future, False, err)
 
     def _check_remote(self, data: Any, obj: Any, handle: WorkerHandle) -> None:
@@ -193,7 +193,7 @@ class Dispatch:
         if type(exc) is _CannotTravel:
             err = TaskPicklingError(f"task {task.id} ({name}) could not be sent: {what}: {exc}")
             logger.debug("task %d: %s cannot go to that worker", task.id, what)
-            self.m.books.fail_task(task)
+            self.m.books.end_task(task, TaskState.FAILED)
             self.m.settle(task.future, False, err)
             return
         hint = ("Define the function at module level, or register its module with "
@@ -209,7 +209,7 @@ class Dispatch:
             f"{type(exc).__name__}: {serialization.safe_str(exc)}. {hint}")
         err.__cause__ = exc
         logger.debug("task %d: %s could not be pickled", task.id, what)
-        self.m.books.fail_task(task)
+        self.m.books.end_task(task, TaskState.FAILED)
         self.m.settle(task.future, False, err)
 
     # ---------------------------------------------------------------- back
@@ -230,7 +230,7 @@ class Dispatch:
                             task_id, attempt, worker_id)
                 continue
             m.fleet.crash_streak = 0
-            if (task.x is not None and task.x.client is not None
+            if (task.extras is not None and task.extras.client is not None
                     and status != protocol.RESULT_DECLINED):
                 m.children.finished(task, status == protocol.RESULT_OK, payload, oob, extra,
                                     duration)
@@ -246,10 +246,10 @@ class Dispatch:
                         "the modules that define the result's types are importable in this "
                         "process")
                     err.__cause__ = exc
-                    books.settle(task, duration, True)
+                    books.task_done(task, duration, True)
                     settle(task.future, False, err)
                 else:
-                    books.settle(task, duration, True)
+                    books.task_done(task, duration, True)
                     settle(task.future, True, value)
             elif status == protocol.RESULT_DECLINED:
                 self._declined(task, str(extra))
@@ -275,7 +275,7 @@ class Dispatch:
             books.retry(task, duration)  # back to the queue, as its fallback
             self.to_fallback(task, remote)
             return
-        books.settle(task, duration, False)
+        books.task_done(task, duration, False)
         self.m.settle(task.future, False, remote)
 
     def _declined(self, task: Task, reason: str) -> None:
@@ -303,7 +303,7 @@ class Dispatch:
             self.m.books.requeue(task)
             self.to_fallback(task, err)
             return
-        self.m.books.fail_task(task)
+        self.m.books.end_task(task, TaskState.FAILED)
         self.m.settle(task.future, False, err)
 
     def to_fallback(self, task: Task, exc: BaseException) -> None:
@@ -355,5 +355,5 @@ class Dispatch:
             if task.fallback is not None:
                 self.to_fallback(task, err)  # stays queued, now for any worker
             else:
-                books.stop_task(task, TaskState.FAILED)
+                books.end_task(task, TaskState.FAILED)
                 self.m.settle(task.future, False, err)

@@ -30,9 +30,9 @@ from .lifecycle import STOPPED_BY_US, Ending, Life, WorkerHandle, verdict, what_
 
 if TYPE_CHECKING:
     from .connections import Conn
-    from .core import Manager
+    from .loop import Manager
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 # After a worker's connection drops, how long to wait for its exit status before killing it.
 EXIT_GRACE = 2.0

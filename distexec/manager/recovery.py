@@ -19,10 +19,10 @@ from ..errors import LostAttempt, WorkerLostError
 from ..scheduler import Task, TaskState
 
 if TYPE_CHECKING:
-    from .core import Manager
+    from .loop import Manager
     from .lifecycle import WorkerHandle
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 
 class Recovery:
@@ -69,7 +69,7 @@ class Recovery:
             if task in poisoned:
                 continue
             if task.client is not None and task.client[0] not in m.door.conns:
-                books.stop_task(task, TaskState.CANCELLED)
+                books.end_task(task, TaskState.CANCELLED)
                 m.force_cancel(task.future)
                 continue
             books.requeue(task)

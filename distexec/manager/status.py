@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..scheduler import WorkerState
 
 if TYPE_CHECKING:
-    from .core import Manager
+    from .loop import Manager
 
 
 class StatusRoom:

@@ -23,9 +23,9 @@ from ..scheduler import Task, TaskState
 from .lifecycle import Life, WorkerHandle
 
 if TYPE_CHECKING:
-    from .core import Manager
+    from .loop import Manager
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 # How long a task past its time limit may take to report its stack before it is stopped.
 DUMP_WAIT = 0.5
@@ -43,7 +43,7 @@ class Stopper:
             return False
         if task.state is TaskState.BLOCKED or (task.state is TaskState.QUEUED
                                                and not task.attempt):
-            m.books.stop_task(task, TaskState.CANCELLED)
+            m.books.end_task(task, TaskState.CANCELLED)
             m.complete(task.future.cancel)  # never claimed, so it can be cancelled
             return True
         logger.info("aborting task %d", task_id)
@@ -123,7 +123,7 @@ class Stopper:
         if err is not None and task.fallback is not None and worker_id is not None:
             m.dispatch.fail(task, err)  # runs the fallback elsewhere; the worker is stopped below
         else:
-            m.books.stop_task(task, state)
+            m.books.end_task(task, state)
             if err is None:
                 m.force_cancel(future)
             else:

@@ -23,9 +23,9 @@ from .lifecycle import Life, WorkerHandle
 
 if TYPE_CHECKING:
     from .connections import Conn
-    from .core import Manager
+    from .loop import Manager
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 # Newest control-channel bytes kept per worker (the last stack dump, for time-limit errors).
 DUMP_KEEP = 32 * 1024

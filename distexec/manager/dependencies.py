@@ -21,9 +21,9 @@ from ..scheduler import Task, TaskState
 from . import events
 
 if TYPE_CHECKING:
-    from .core import Manager
+    from .loop import Manager
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 
 class Dependencies:
@@ -53,7 +53,7 @@ class Dependencies:
         deps = task.deps
         assert deps is not None
         if task.future.cancelled():
-            m.books.stop_task(task, TaskState.CANCELLED)
+            m.books.end_task(task, TaskState.CANCELLED)
             task.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
             return
         pending = False
@@ -77,7 +77,7 @@ class Dependencies:
                     f"{what}")
                 err.__cause__ = cause
                 logger.info("task %d not run: %s %s", task.id, which, what)
-                m.books.stop_task(task, TaskState.FAILED)
+                m.books.end_task(task, TaskState.FAILED)
                 m.settle(task.future, False, err)
                 return
         if pending:

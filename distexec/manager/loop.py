@@ -15,11 +15,10 @@ executor method (``abort()``, ``status()``) is then answered at once without fin
 tables half-way through a change (:meth:`Manager.handle_now`).
 
 The work is done by the rooms, each of which owns its own state (see :mod:`distexec.manager`):
-the door (:mod:`.connections`), the fleet (:mod:`.fleet`, with :mod:`.lifecycle`), the watchdog
-(:mod:`.watchdog`), dispatch (:mod:`.dispatch`), recovery (:mod:`.recovery`), stopping
-(:mod:`.stopping`), child tasks (:mod:`.children`), dependencies and barriers (:mod:`.deps`),
-shared data (:mod:`.store`) and status (:mod:`.status`). They reach each other through the
-manager's attributes and the few methods below (``at``, ``settle``, ``post``, ``give_up``).
+the door, the fleet and its lifecycle, the watchdog, dispatch, recovery, stopping, child tasks,
+dependencies and barriers, shared data and status. They reach each other through the manager's
+attributes (``door``, ``fleet``, ...) and the few methods below (``at``, ``settle``, ``post``,
+``give_up``).
 
 User code that can run on this thread (``__reduce__`` while pickling an argument,
 ``__setstate__`` while unpickling a result, done-callbacks) runs behind ``except
@@ -52,7 +51,7 @@ from ..scheduler import Scheduler, Task, TaskState
 from . import events
 from .children import Children
 from .connections import CLIENT, Door
-from .deps import Dependencies
+from .dependencies import Dependencies
 from .dispatch import Dispatch
 from .fleet import Fleet
 from .lifecycle import Life
@@ -67,7 +66,7 @@ if TYPE_CHECKING:  # the SSH launcher is imported only for an executor with host
     from ..launchers.ssh import SSHOptions
     from .connections import Conn
 
-logger = logging.getLogger("distexec.manager")
+logger = logging.getLogger(__name__)
 
 
 class SharedState:
@@ -366,7 +365,7 @@ class Manager:
                 if self.terminating:
                     self.complete(item.future.cancel)
                     continue
-                x = item.x
+                x = item.extras
                 if x is not None:
                     if x.deps is not None:
                         self.deps.add(item)
@@ -488,7 +487,7 @@ class Manager:
         for record in list(self.books.workers.values()):
             for task in list(record.assigned.values()):
                 if task.state is TaskState.ASSIGNED:
-                    self.books.fail_task(task)
+                    self.books.end_task(task, TaskState.FAILED)
                     self.force_cancel(task.future)
         self.fleet.end_all(sig if sig != signal.SIGKILL else None)
 
@@ -507,7 +506,7 @@ class Manager:
         for record in list(self.books.workers.values()):
             for task in list(record.assigned.values()):
                 if task.state is TaskState.ASSIGNED:
-                    self.books.fail_task(task)
+                    self.books.end_task(task, TaskState.FAILED)
                     self.settle(task.future, False, exc)
         self.terminating = True
         self.closing = True
