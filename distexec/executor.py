@@ -23,14 +23,13 @@ from typing import Any, ParamSpec, TypeVar
 
 from . import protocol
 from .errors import BrokenDistributedExecutor
-from .manager import Manager, ManagerConfig, SharedState, events, interpreter_exiting
+from .manager import Manager, SharedState, events, interpreter_exiting
 from .options import UNSET, TaskOptions, check_timeout
-from .reports import ExecutorStatus, TaskCounts, WorkerInfo
 from .scheduler import Task, TaskKind, task_ids
 from .settings import executor_config
 from .toolbox import TagBook, TaskFarm
 
-__all__ = ["DistributedExecutor", "ExecutorStatus", "TaskCounts", "TaskOptions", "WorkerInfo"]
+__all__ = ["DistributedExecutor", "TaskOptions"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -481,7 +480,7 @@ class DistributedExecutor(TaskFarm, Executor):
             self._max_workers = max_workers
             manager = self._manager
             if manager is None:
-                self._config = _replace_workers(self._config, max_workers)
+                self._config = self._config.replace(max_workers=max_workers)
                 return
         manager.post(events.Resize(max_workers))
 
@@ -588,12 +587,6 @@ class DistributedExecutor(TaskFarm, Executor):
             self._terminate("interrupted while waiting for shutdown")
             raise
         return None
-
-
-def _replace_workers(config: ManagerConfig, n: int) -> ManagerConfig:
-    from dataclasses import replace
-
-    return replace(config, max_workers=n)
 
 
 def _result_or_cancel(future: Future[Any], timeout: float | None) -> Any:

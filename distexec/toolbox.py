@@ -23,11 +23,11 @@ from . import serialization
 from .context import Shared
 from .errors import TaskPicklingError, too_large
 from .manager import events
-from .reports import ExecutorStatus, TaskCounts, WorkerInfo
 from .scheduler import task_ids
 
 if TYPE_CHECKING:
     from .manager import Manager, ManagerConfig
+    from .reports import ExecutorStatus, WorkerInfo
 
 __all__ = ["TagBook", "TaskFarm"]
 
@@ -110,6 +110,8 @@ class TaskFarm:
 
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of the live workers (local and joined by hand), by worker id."""
+        from .reports import WorkerInfo  # (dataclasses: imported when first needed)
+
         snapshot = self._ask(events.Query) or []
         return [WorkerInfo(**item) for item in snapshot]
 
@@ -284,6 +286,8 @@ class TaskFarm:
         Tasks get a tag with ``ex.options(tag=...)``; untagged tasks are counted under ``None``.
         Before the executor started, or after it stopped, the counts are empty.
         """
+        from .reports import ExecutorStatus, TaskCounts, WorkerInfo
+
         answer = self._ask(events.Status)
         counts, workers = answer if answer is not None else ({}, [])
         tags = {tag: TaskCounts(*c) for tag, c in counts.items()}

@@ -202,11 +202,8 @@ def read_hosts_file(path: str | os.PathLike[str]) -> list[HostSpec]:
 
 def resources_from_settings(settings: Any) -> dict[str, float | str]:
     """A hosts-file line's ``key=value`` settings as pool resources: numbers where they parse
-    as numbers (``gpu=2``), text labels otherwise (``zone=a``)."""
-    out: dict[str, float | str] = {}
-    for key, value in settings:
-        try:
-            out[key] = float(value)
-        except ValueError:
-            out[key] = value
-    return out
+    as numbers (``gpu=2``), text labels otherwise (``zone=a``), by the rule of
+    :func:`distexec.options.resource_value`."""
+    from ..options import resource_value
+
+    return {key: resource_value(value) for key, value in settings}

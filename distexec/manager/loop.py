@@ -40,7 +40,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol, serialization
@@ -87,28 +86,54 @@ class SharedState:
         self.changed = threading.Condition(self.lock)
 
 
-@dataclass(frozen=True)
 class ManagerConfig:
-    max_workers: int
-    initializer: bytes | None
-    max_tasks_per_child: int | None
-    python: str | None
-    worker_start_timeout: float
-    max_message_size: int
-    unpickle_timeout: float | None = 60.0
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0
-    key: bytes | None = None
-    heartbeat_timeout: float | None = 30.0
-    max_retries: int = 3
-    hosts: tuple[HostSpec, ...] = ()
-    ssh: SSHOptions | None = None
-    name: str | None = None  # registered for `distexec status NAME`
-    resources: dict[str, float | str] | None = None  # what the local workers' pool offers
-    # Descriptors local workers inherit for the initargs (distexec.mpobjects.Inheritance).
-    inheritance: Any = None
-    # Versions of the __main__ globals that functions carry (serialization.MainVersions).
-    main_versions: Any = None
+    """Everything the task manager needs to know, checked by :mod:`distexec.settings`.
+
+    Read-only once made (the executor replaces it, with :meth:`replace`, while the manager has
+    not started). A plain class with slots rather than a frozen dataclass: importing
+    :mod:`dataclasses` (and :mod:`inspect` with it) costs about 5 ms of every executor's start.
+    """
+
+    __slots__ = ("max_workers", "initializer", "max_tasks_per_child", "python",
+                 "worker_start_timeout", "max_message_size", "unpickle_timeout", "listen_host",
+                 "listen_port", "key", "heartbeat_timeout", "max_retries", "hosts", "ssh",
+                 "name", "resources", "inheritance", "main_versions")
+
+    def __init__(
+        self, *, max_workers: int, initializer: bytes | None, max_tasks_per_child: int | None,
+        python: str | None, worker_start_timeout: float, max_message_size: int,
+        unpickle_timeout: float | None = 60.0, listen_host: str = "127.0.0.1",
+        listen_port: int = 0, key: bytes | None = None, heartbeat_timeout: float | None = 30.0,
+        max_retries: int = 3, hosts: tuple[HostSpec, ...] = (), ssh: SSHOptions | None = None,
+        name: str | None = None, resources: dict[str, float | str] | None = None,
+        inheritance: Any = None, main_versions: Any = None,
+    ) -> None:
+        self.max_workers = max_workers
+        self.initializer = initializer
+        self.max_tasks_per_child = max_tasks_per_child
+        self.python = python
+        self.worker_start_timeout = worker_start_timeout
+        self.max_message_size = max_message_size
+        self.unpickle_timeout = unpickle_timeout
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.key = key
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_retries = max_retries
+        self.hosts = hosts
+        self.ssh = ssh
+        self.name = name  # registered for `distexec status NAME`
+        self.resources = resources  # what the local workers' pool offers
+        # Descriptors local workers inherit for the initargs (distexec.mpobjects.Inheritance).
+        self.inheritance = inheritance
+        # Versions of the __main__ globals that functions carry (serialization.MainVersions).
+        self.main_versions = main_versions
+
+    def replace(self, **changes: Any) -> ManagerConfig:
+        """A copy with ``changes``."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return ManagerConfig(**fields)
 
     @property
     def heartbeat_interval(self) -> float:
