@@ -202,7 +202,10 @@ class FakeDoor:
         pass
 
     def disconnected(self, conn, why):
+        """As the real door: close, then tell the room of the connection's channel."""
         self.close(conn)
+        if conn.channel == "main" and conn.handle is not None:
+            self.hub.fleet.disconnected(conn, why)
 
 
 class Hub:
@@ -223,6 +226,7 @@ class Hub:
         self.completions = []
         self.gave_up = None
         self.door = FakeDoor()
+        self.door.hub = self
         self.launcher = FakeLauncher(wanted)
         self.fleet = Fleet(self, self.launcher, [])
         self.watchdog = Watchdog(self)
@@ -543,3 +547,46 @@ def test_an_abort_the_worker_had_not_started_leaves_it_working():
     assert hub.door.kinds(h.ctrl) == [protocol.ABORT]
     hub.stopper.skipped(h, second.id, second.attempt)
     assert h.life is Life.READY and not h.record.paused
+
+
+def test_a_worker_stopped_for_an_abort_charges_nobody_even_if_it_then_falls_silent():
+    # An SSH-like worker (no progress reports, no signal to send it) is told to abort the task
+    # it holds; it does not answer (the task holds the GIL in C) and falls silent. Its loss is
+    # the executor's doing: the tasks it held go back uncharged, and it is no crash.
+    hub = Hub(wanted=1, heartbeat_timeout=1.0)
+    (h,) = started(hub)
+    h.proc.reports_progress = False
+    h.proc.local_child = False
+    hub.connect(h)
+    h.record.ewma = 1e-6
+    aborted, other = hub.submit(), hub.submit(max_retries=0)
+    hub.dispatch.dispatch()
+    assert other.worker_id == h.worker_id
+    hub.stopper.abort(aborted.id)
+    assert h.life is Life.ABORTING and h.stopped
+    h.last_seen -= 5
+    hub.run_deadlines(matching="_check_heartbeat")
+    assert h.life is Life.SILENT and h.stopped and h.record.paused
+    h.proc.code = -signal.SIGKILL
+    hub.fleet.on_process_exit(h.proc)
+    assert aborted.future.cancelled()
+    assert other in hub.books.queue and not other.losses and not other.future.done()
+    assert hub.fleet.crash_streak == 0
+
+
+def test_an_abort_answered_after_the_worker_was_told_to_leave_leaves_it_clean():
+    hub = Hub(wanted=1)
+    (h,) = started(hub)
+    h.proc.reports_progress = False
+    hub.connect(h)
+    task = hub.submit()
+    hub.dispatch.dispatch()
+    hub.stopper.abort(task.id)
+    assert h.life is Life.ABORTING
+    hub.fleet.send_shutdown(h)  # (the pool shrank meanwhile)
+    assert h.life is Life.LEAVING and h.stopped and h.record.paused
+    hub.stopper.skipped(h, task.id, task.attempt)
+    assert h.stopped is None and h.life is Life.LEAVING
+    h.proc.code = 0
+    hub.fleet.on_process_exit(h.proc)
+    assert h.life is Life.ENDED and h.record.state.value == "gone"

@@ -128,9 +128,9 @@ class Launcher:
         not_before: no worker start before this ``time.monotonic()`` value (backoff).
         failures: worker starts in a row that failed (reset by a worker that gets ready).
         error: why it failed, once failed.
-        essential: True if the executor cannot work without it (the local launcher of an
-            executor without hosts): repeated start failures break the executor instead of
-            retiring the launcher.
+        essential: True if repeated start failures break the executor rather than retire
+            the launcher (the local launcher: failing local starts mean a broken setup, such
+            as an interpreter that cannot run the worker, which no retry fixes).
     """
 
     essential = False

@@ -26,7 +26,7 @@ from ..errors import BrokenDistributedExecutor
 from ..launchers.base import JoinedProcess, Launcher, WorkerProcess
 from ..scheduler import Needs, Pool, Task, WorkerState
 from . import events
-from .lifecycle import STOPPED_BY_US, Ending, Life, WorkerHandle, verdict, what_ended
+from .lifecycle import Ending, Life, WorkerHandle, verdict, what_ended
 
 if TYPE_CHECKING:
     from .connections import Conn
@@ -483,12 +483,13 @@ class Fleet:
         if handle.life is Life.STOPPING:
             handle.proc.kill()  # being killed already: try again
             return
+        told = handle.life is Life.LEAVING
         handle.to(Life.SILENT, reason)
         logger.warning("declaring %s lost: %s", handle.record.describe(), reason)
         if handle.proc.killable:
             handle.proc.kill()  # its exit completes the loss (on_process_exit -> end)
         else:
-            self.end(handle, keep_connections=True)
+            self.end(handle, keep_connections=True, told=told)
 
     def on_process_exit(self, proc: WorkerProcess) -> None:
         handle = self.workers.get(proc.worker_id)
@@ -534,10 +535,11 @@ class Fleet:
                            handle.worker_id)
             handle.proc.kill()
 
-    def end(self, handle: WorkerHandle, keep_connections: bool = False) -> None:
+    def end(self, handle: WorkerHandle, keep_connections: bool = False,
+            told: bool = False) -> None:
         """The worker is over (connection closed and process exited, or declared lost): settle
         its books. With ``keep_connections`` (a silent worker that cannot be killed) it
-        becomes a zombie."""
+        becomes a zombie (``told``: it was told to leave already)."""
         if handle.over:
             return
         m = self.m
@@ -548,10 +550,10 @@ class Fleet:
         ending = verdict(handle, exitcode, started=started, terminating=m.terminating,
                          wanted=bool(m.books.tasks) or not m.closing)
         what = what_ended(handle, exitcode, started)
-        stopped = handle.life in STOPPED_BY_US
+        stopped = handle.stopped is not None
         client = handle.client
         if keep_connections:
-            m.watchdog.haunt(handle)
+            m.watchdog.haunt(handle, told)
             if client is not None:  # its tasks' requests would go unanswered
                 m.door.close(client)
                 m.children.client_closed(client, "the worker was declared lost")

@@ -23,9 +23,12 @@ done to it and why, which decides what its end means: a clean leave, a failed st
 towards breaking the executor), a start interrupted from outside (retried with backoff), a loss
 charged to the task it ran, or a loss nobody is charged for (the executor stopped it).
 
-Besides the state, a handle records two facts about the end, which arrive in either order:
-``exited`` (the process's exit status) and ``disconnected`` (its main connection ended, and
-why). A worker is over when both are known, or when it is declared lost.
+Besides the state, a handle records facts that outlive a state: ``exited`` (the process's exit
+status) and ``disconnected`` (its main connection ended, and why), which arrive in either order
+(a worker is over when both are known, or when it is declared lost); and ``stopped``, set while
+the executor stops a task on it (ABORTING, STOPPING) and kept if the worker moves on before it
+answers (told to leave, declared lost), so that its end charges no task whatever state it ends
+in.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ EDGES: dict[Life, frozenset[Life]] = {
 }
 # No new task while in these states (nor once its connection is gone).
 _PAUSED = frozenset({Life.ABORTING, Life.STOPPING, Life.SILENT})
-# States in which the executor stopped the worker on purpose: its end charges no task.
+# States in which the executor stops the worker on purpose (see WorkerHandle.stopped).
 STOPPED_BY_US = frozenset({Life.ABORTING, Life.STOPPING})
 
 
@@ -85,7 +88,7 @@ class WorkerHandle:
     """The manager's handles on one worker: its record, process, connections and caches."""
 
     __slots__ = ("worker_id", "record", "proc", "life", "resume", "reason", "exited",
-                 "disconnected", "bad_frame", "conn", "ctrl", "client", "known_fns",
+                 "disconnected", "stopped", "bad_frame", "conn", "ctrl", "client", "known_fns",
                  "last_seen", "lost_at", "dump", "main_thread", "on_dump", "aborts", "limit",
                  "limit_timer")
 
@@ -99,6 +102,9 @@ class WorkerHandle:
         self.reason: str | None = None
         self.exited = not proc.killable  # a worker started by hand has no exit to wait for
         self.disconnected: str | None = None  # why its main connection ended, once it did
+        # Set while the executor is stopping a task on it (ABORTING, STOPPING) and kept if it
+        # moves on (told to leave, declared lost) before answering: its end charges no task.
+        self.stopped: str | None = None
         self.bad_frame = False  # dropped for a frame that could not be taken: charge a task
         self.conn: Conn | None = None  # the main connection (tasks and results)
         self.ctrl: Conn | None = None  # the control connection (heartbeats, ABORT, DUMP)
@@ -127,9 +133,20 @@ class WorkerHandle:
         self.life = new
         if reason is not None:
             self.reason = reason
+        if new in STOPPED_BY_US:
+            self.stopped = reason or self.reason
         elif new in (Life.READY, Life.RETIRING):
             self.reason = None
+            self.stopped = None
         self._pause()
+
+    def carry_on(self) -> None:
+        """The worker answered every ABORT with "not started": an ordinary worker again."""
+        if self.life is Life.ABORTING:
+            self.to(self.resume)
+        elif self.life is not Life.STOPPING:
+            self.stopped = None
+            self._pause()
 
     def lose_connection(self, why: str) -> None:
         """Its main connection ended: nothing more can reach it."""
@@ -138,7 +155,8 @@ class WorkerHandle:
         self._pause()
 
     def _pause(self) -> None:
-        self.record.paused = self.life in _PAUSED or self.disconnected is not None
+        self.record.paused = (self.life in _PAUSED or self.disconnected is not None
+                              or self.stopped is not None)
 
     @property
     def staying(self) -> bool:
@@ -206,7 +224,8 @@ def verdict(handle: WorkerHandle, exitcode: int | None, *, started: bool, termin
                 and exitcode < 0 and -exitcode not in SELF_SIGNALS):
             return Ending.START_INTERRUPTED  # a signal it did not raise, and not from us
         return Ending.START_FAILED
-    if (life is Life.LEAVING and not handle.record.assigned
+    leaving = life is Life.LEAVING or (terminating and life is Life.STOPPING)
+    if (leaving and not handle.record.assigned
             and (exitcode is None or exitcode == 0 or terminating)):
         return Ending.LEFT
     return Ending.LOST
@@ -229,8 +248,8 @@ def what_ended(handle: WorkerHandle, exitcode: int | None, started: bool) -> str
         return (handle.reason or "declared lost") + ("; it was killed" if proc.killable else "")
     if handle.bad_frame and handle.disconnected:
         return handle.disconnected
-    if handle.life in STOPPED_BY_US and handle.reason:
-        return handle.reason
+    if handle.stopped:
+        return handle.stopped
     if proc.killable:
         return proc.describe_exit(exitcode)
     return handle.reason or handle.disconnected or "connection lost"

@@ -141,8 +141,11 @@ class Stopper:
             # that; if it had not started it, it says so (SKIPPED) and carries on. Until one
             # or the other, it gets no new task (whose time limit would run meanwhile).
             handle.aborts.add((task.id, attempt))
-            if handle.life in (Life.READY, Life.RETIRING, Life.STARTING):
+            if handle.life in (Life.READY, Life.RETIRING):
                 handle.to(Life.ABORTING, reason)
+            elif handle.stopped is None:  # (told to leave already: it stays LEAVING)
+                handle.stopped = reason
+                handle.record.paused = True
         else:
             logger.warning("cannot reach worker %d to stop task %d; its result will be dropped",
                            handle.worker_id, task.id)
@@ -157,5 +160,5 @@ class Stopper:
     def skipped(self, handle: WorkerHandle, task_id: int, attempt: int) -> None:
         """The worker had not started a task it was told to abort: it carries on."""
         handle.aborts.discard((task_id, attempt))
-        if not handle.aborts and handle.life is Life.ABORTING:
-            handle.to(handle.resume)  # an ordinary worker again
+        if not handle.aborts:
+            handle.carry_on()

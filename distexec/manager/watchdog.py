@@ -147,12 +147,15 @@ class Watchdog:
                   partial(self._ping, handle))
 
     # ---------------------------------------------------------------- zombies
-    def haunt(self, handle: WorkerHandle) -> None:
+    def haunt(self, handle: WorkerHandle, told: bool = False) -> None:
         """A worker declared lost that cannot be killed: keep its connections, drop what it
-        sends, tell it to leave when it shows life (its books are settled already)."""
+        sends, tell it to leave when it shows life, unless it was ``told`` already (its books
+        are settled already)."""
         handle.to(Life.ZOMBIE)
         handle.lost_at = time.monotonic()
         self.zombies[handle.worker_id] = handle
+        if told:
+            self._told.add(handle.worker_id)
 
     def zombie_alive(self, handle: WorkerHandle) -> None:
         """A worker declared lost is sending again: it was replaced, so ask it to leave."""
