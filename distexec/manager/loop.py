@@ -9,10 +9,11 @@ loop; the manager thread alone reads and writes the tables, the sockets and the 
 One turn of the loop: wait on the selector (the listener, the wakeup socket, every connection,
 the workers' pidfds) until the next deadline; handle what is ready; drain the inbox; run the
 deadlines due; dispatch queued tasks; answer barriers; move a shutdown along; then complete
-the futures settled during the turn. Futures are completed last, at that one safe point,
-because completing one runs its done-callbacks, which are user code: a callback that calls an
-executor method (``abort()``, ``status()``) is then answered at once without finding the
-tables half-way through a change (:meth:`Manager.handle_now`).
+the futures settled during the turn. Futures are completed only at such safe points (the end of
+a turn, and after each RESULTS frame), never inside a room's handler, because completing one
+runs its done-callbacks, which are user code: a callback that calls an executor method
+(``abort()``, ``status()``) is then answered at once without finding the tables half-way
+through a change (:meth:`Manager.handle_now`).
 
 The work is done by the rooms, each of which owns its own state (see :mod:`distexec.manager`):
 the door, the fleet and its lifecycle, the watchdog, dispatch, recovery, stopping, child tasks,
@@ -478,6 +479,10 @@ class Manager:
         kind = frame.kind
         if kind == protocol.RESULTS:
             self.dispatch.on_results(handle, frame)
+            # Between frames the rooms are between changes: complete the results' futures
+            # now rather than at the end of the turn (a caller waiting on one gets it sooner).
+            if self._completions:
+                self._complete()
         elif kind == protocol.READY:
             self.fleet.ready(handle)
         elif kind == protocol.LEAVE:
