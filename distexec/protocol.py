@@ -511,6 +511,10 @@ def encode_frame(kind: int, meta: Any, buffers: Sequence[Buffer] = ()) -> list[B
 # Frames whose body fits below this are assembled in the decoder's scratch buffer; bigger ones
 # get buffers of their own that the socket reads straight into (one copy, from the kernel).
 _DIRECT_THRESHOLD = 64 * 1024
+# The scratch buffer starts small (an idle connection, such as most of a large fleet's, costs
+# little) and doubles, up to the larger size, when a read fills it or a frame needs more: a busy
+# connection then reads many frames per system call.
+_SCRATCH_START = 16 * 1024
 _SCRATCH_SIZE = 256 * 1024
 
 
@@ -592,7 +596,7 @@ class FrameDecoder:
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
-        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._scratch = bytearray(_SCRATCH_START)
         self._start = 0
         self._end = 0
         # A large frame in progress: its kind, the buffers it will hand out (meta first) and the
@@ -608,9 +612,16 @@ class FrameDecoder:
             self._compact()
         return memoryview(self._scratch)[self._end:]
 
-    def _compact(self) -> None:
+    def _compact(self, need: int = 0) -> None:
+        """Move what is buffered to the start; make room for ``need`` bytes in all."""
         n = self._end - self._start
-        if n and self._start:
+        size = len(self._scratch)
+        if need > size or (need < 0 and size < _SCRATCH_SIZE):
+            # Grow: to what a frame needs, or (need < 0: a read filled it) twice the size.
+            grown = bytearray(max(need, min(2 * size, _SCRATCH_SIZE)))
+            grown[:n] = self._scratch[self._start:self._end]
+            self._scratch = grown
+        elif n and self._start:
             self._scratch[:n] = self._scratch[self._start:self._end]
         self._start, self._end = 0, n
 
@@ -622,7 +633,12 @@ class FrameDecoder:
             if self._big is not None:
                 return frames
         else:
+            filled = self._end + n == len(self._scratch)
             self._end += n
+            if filled and len(self._scratch) < _SCRATCH_SIZE:
+                self._parse(frames)
+                self._compact(-1)  # busy: read more per call from now on
+                return frames
         self._parse(frames)
         return frames
 
@@ -650,7 +666,7 @@ class FrameDecoder:
             head_len = FRAME_HEADER.size + 8 * nbufs
             if avail < head_len:
                 if self._start + head_len > len(buf):
-                    self._compact()
+                    self._compact(head_len)
                 break
             lens = struct.unpack_from(f"!{nbufs}Q", buf, self._start + FRAME_HEADER.size)
             body = meta_len + sum(length & _LENGTH_MASK for length in lens)
@@ -661,7 +677,7 @@ class FrameDecoder:
             if body <= _DIRECT_THRESHOLD:
                 if avail < head_len + body:
                     if self._start + head_len + body > len(buf):
-                        self._compact()
+                        self._compact(head_len + body)
                     break
                 pos = self._start + head_len
                 view = memoryview(buf)

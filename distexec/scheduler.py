@@ -526,10 +526,12 @@ class WorkerRecord:
 
     __slots__ = (
         "id", "state", "host", "pid", "assigned", "tasks_sent", "max_tasks", "ewma", "limited",
-        "local", "tasks_done", "paused", "origin", "pool",
+        "local", "tasks_done", "paused", "origin", "pool", "_room", "_ready",
     )
 
-    def __init__(self, worker_id: int, host: str, max_tasks: int | None) -> None:
+    def __init__(self, worker_id: int, host: str, max_tasks: int | None,
+                 room: dict[int, WorkerRecord] | None = None,
+                 ready: list[int] | None = None) -> None:
         self.id = worker_id
         self.state = WorkerState.LAUNCHING
         self.host = host
@@ -546,6 +548,10 @@ class WorkerRecord:
         # manager's lifecycle sets it, see distexec.manager.lifecycle).
         self.paused = False
         self.pool: Pool | None = None  # the resources it shares with its pool
+        # The scheduler's workers that may have room (see Scheduler.plan) and its count of
+        # ready (IDLE or BUSY) workers, kept up to date here; None for a record on its own.
+        self._room = room
+        self._ready = ready
 
     def __hash__(self) -> int:
         return self.id
@@ -556,7 +562,16 @@ class WorkerRecord:
     def transition(self, new: WorkerState) -> None:
         if new not in _WORKER_EDGES[self.state]:
             raise InvalidTransition(f"worker {self.id}: {self.state.value} -> {new.value}")
+        ready = self._ready
+        if ready is not None and (self.state in _LIVE) is not (new in _LIVE):
+            ready[0] += 1 if new in _LIVE else -1
         self.state = new
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause (no new task) or resume the worker."""
+        if self.paused and not paused and self._room is not None:
+            self._room[self.id] = self  # it may have room again
+        self.paused = paused
 
     @property
     def window(self) -> int:
@@ -585,6 +600,11 @@ class Scheduler:
         self.tasks: dict[int, Task] = {}
         self.queue = TaskQueue()
         self.workers: dict[int, WorkerRecord] = {}
+        # Workers that may have room for a task, in the order they got it: the candidates of
+        # plan(), which drops those it finds full, so that planning costs O(workers that take
+        # a task), not O(workers). Every change that can make room adds the worker back.
+        self._room: dict[int, WorkerRecord] = {}
+        self._ready = [0]  # workers IDLE or BUSY (ready_count)
         self.policy = policy or Policy()
         # Per tag: [done, failed, cancelled]. Queued and assigned tasks are counted only when
         # asked (tag_counts), so that the per-task cost is one counter, at the end.
@@ -620,9 +640,15 @@ class Scheduler:
         task.transition(TaskState.QUEUED)
         self.queue.append(task)
 
+    @property
+    def ready_count(self) -> int:
+        """How many workers are ready for tasks (IDLE or BUSY). O(1)."""
+        return self._ready[0]
+
     def _unassign(self, task: Task) -> None:
         worker = self.workers.get(task.worker_id) if task.worker_id is not None else None
         if worker is not None and worker.assigned.pop(task.id, None) is not None:
+            self._room[worker.id] = worker
             x = task.extras
             if x is not None and x.exclusive:
                 worker.limited -= 1
@@ -715,7 +741,7 @@ class Scheduler:
     def add_worker(
         self, worker_id: int, host: str, max_tasks: int | None, pool: Pool | None = None,
     ) -> WorkerRecord:
-        record = WorkerRecord(worker_id, host, max_tasks)
+        record = WorkerRecord(worker_id, host, max_tasks, self._room, self._ready)
         self.workers[worker_id] = record
         if pool is not None:
             record.pool = pool
@@ -729,6 +755,7 @@ class Scheduler:
     def worker_ready(self, worker_id: int) -> None:
         worker = self.workers[worker_id]
         worker.transition(WorkerState.IDLE)
+        self._room[worker_id] = worker
 
     def worker_lost(self, worker_id: int) -> list[Task]:
         """Mark a worker lost; return the tasks it held (ASSIGNED still, for the caller)."""
@@ -765,6 +792,7 @@ class Scheduler:
         return task.retries_used() <= limit
 
     def forget_worker(self, worker_id: int) -> None:
+        self._room.pop(worker_id, None)
         worker = self.workers.pop(worker_id, None)
         if worker is not None and worker.pool is not None:
             worker.pool.workers.discard(worker)
@@ -799,22 +827,32 @@ class Scheduler:
         Returns the new assignments per worker, in order.
         """
         queue = self.queue
-        if not queue:
-            return []
-        ready = [w for w in self.workers.values()
-                 if w.state in _LIVE and len(w.assigned) < w.window]
-        if not ready:
+        room = self._room
+        if not queue or not room:
             return []
         pick = self.policy.pick
         # The default policy on a queue of plain tasks is "the head, if it fits": inlined.
         default = type(self.policy) is Policy
         main = queue.main
         batches: dict[int, list[Task]] = {}
-        windows = {w.id: w.window for w in ready}
+        windows: dict[int, int] = {}
+        # The first pass goes through the candidates in order, dropping those that turn out
+        # to have no room, and stops when the queue is empty; later passes (a worker may take
+        # several short tasks) go through those that still have room.
+        ready: list[WorkerRecord] = list(room.values())
+        first = True
         # (queue._len rather than bool(queue): this loop runs once per dispatched task)
         while queue._len and ready:
             still: list[WorkerRecord] = []
             for worker in ready:
+                if not queue._len:
+                    break
+                if first:
+                    window = worker.window
+                    if worker.state not in _LIVE or len(worker.assigned) >= window:
+                        del room[worker.id]
+                        continue
+                    windows[worker.id] = window
                 task = None
                 while queue._len:
                     if default and queue._len == len(main):
@@ -854,4 +892,5 @@ class Scheduler:
                 elif not worker.limited and len(worker.assigned) < windows[worker.id]:
                     still.append(worker)
             ready = still
+            first = False
         return [(self.workers[wid], tasks) for wid, tasks in batches.items()]

@@ -155,8 +155,8 @@ class WorkerHandle:
         self._pause()
 
     def _pause(self) -> None:
-        self.record.paused = (self.life in _PAUSED or self.disconnected is not None
-                              or self.stopped is not None)
+        self.record.set_paused(self.life in _PAUSED or self.disconnected is not None
+                               or self.stopped is not None)
 
     @property
     def staying(self) -> bool:

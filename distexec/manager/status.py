@@ -12,7 +12,6 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..scheduler import WorkerState
 
 if TYPE_CHECKING:
     from .loop import Manager
@@ -25,8 +24,7 @@ class StatusRoom:
 
     def publish(self) -> None:
         """Tell waiting callers how many workers are ready (wait_for_workers)."""
-        ready = sum(1 for w in self.m.books.workers.values()
-                    if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+        ready = self.m.books.ready_count
         shared = self.m.shared
         if ready != shared.ready_workers:
             with shared.lock:

@@ -145,7 +145,7 @@ class Stopper:
                 handle.to(Life.ABORTING, reason)
             elif handle.stopped is None:  # (told to leave already: it stays LEAVING)
                 handle.stopped = reason
-                handle.record.paused = True
+                handle.record.set_paused(True)
         else:
             logger.warning("cannot reach worker %d to stop task %d; its result will be dropped",
                            handle.worker_id, task.id)
